@@ -1,0 +1,252 @@
+"""Goldfish token dropout as a Lightning callback (Hans et al., 2024).
+
+The callback rewrites the ``labels`` of every *training* batch before ``training_step`` sees
+them: targets chosen by :func:`antimemo.functional.goldfish.goldfish_mask` are set to
+``ignore_index``, so any loss that honours ``ignore_index`` (Hugging Face causal LMs given
+``labels=``, ``torch.nn.functional.cross_entropy(..., ignore_index=...)``) skips them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from antimemo.functional.goldfish import (
+    _check_exempt,
+    _check_h,
+    _check_k,
+    _check_seed,
+    _is_int,
+    _is_integer_dtype,
+    goldfish_mask,
+)
+
+__all__ = ["GOLDFISH_PRETRAINING_PRESET", "GoldfishTokenDropout"]
+
+#: Goldfish settings for pretraining at scale, as used by Apertus (arXiv 2509.14233):
+#: drop 1 target in 50 (2%), hashing the 50 preceding tokens.
+GOLDFISH_PRETRAINING_PRESET: dict[str, int] = {"k": 50, "h": 50}
+
+
+class GoldfishTokenDropout(pl.Callback):
+    """Drop a deterministic ``1/k`` of training targets (goldfish loss).
+
+    In ``on_train_batch_start`` the callback reads ``batch[input_ids_key]`` (and
+    ``batch["attention_mask"]`` when present), computes
+    ``goldfish_mask(input_ids, k, h, seed, exempt_token_ids, attention_mask)`` and replaces
+    ``batch[labels_key]`` with a copy in which the dropped targets are ``ignore_index``. When
+    the batch has no labels, they are created as a copy of ``input_ids`` (int64) with padding
+    (``attention_mask == 0``) at ``ignore_index``. Targets already at ``ignore_index`` (prompt,
+    padding) stay so. The caller's tensors are never modified in place: the batch dict gets a
+    new labels tensor, so a dataset that hands out cached tensors is not corrupted.
+
+    Labels follow the Hugging Face convention: aligned with ``input_ids``, shifted by the loss
+    (``labels[..., i]`` is the target predicted from ``input_ids[..., :i]``). Validation, test
+    and predict batches are never touched, so validation loss stays the plain loss.
+
+    Logged: ``goldfish/dropped_fraction`` = dropped supervised targets / supervised targets
+    before dropping, counted over ``labels[..., 1:]`` (a causal LM never uses position 0 as a
+    target), via ``pl_module.log(..., on_step=True, on_epoch=True, batch_size=B)``; the epoch
+    value is Lightning's batch-size-weighted mean of the per-step fractions. The logged value
+    stays on the batch's device (no host sync). No random numbers are drawn: the global RNG
+    is untouched.
+
+    ``state_dict()`` stores ``{"k", "h", "seed"}``; ``load_state_dict`` raises if a checkpoint
+    was trained with other values, because resuming with another hash silently changes which
+    targets the model is allowed to learn.
+
+    Args:
+        k: drop about one target in ``k`` (integer ``>= 2``).
+        h: number of preceding tokens hashed (integer ``>= 1``).
+        seed: seed of the hash (any integer).
+        ignore_index: label value the loss ignores (``-100`` for Hugging Face and PyTorch).
+        exempt_token_ids: target token ids never dropped (e.g. EOS or other special tokens).
+        input_ids_key: batch key of the token ids.
+        labels_key: batch key of the labels (created when absent).
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from antimemo.callbacks.goldfish import GoldfishTokenDropout
+        >>> goldfish = GoldfishTokenDropout(k=4, h=13)
+        >>> trainer = pl.Trainer(callbacks=[goldfish], max_steps=10)  # doctest: +SKIP
+        >>> GoldfishTokenDropout.pretraining().k
+        50
+    """
+
+    def __init__(
+        self,
+        k: int = 4,
+        h: int = 13,
+        seed: int = 0,
+        ignore_index: int = -100,
+        exempt_token_ids: Iterable[int] = (),
+        input_ids_key: str = "input_ids",
+        labels_key: str = "labels",
+    ) -> None:
+        super().__init__()
+        self.k = _check_k(k)
+        self.h = _check_h(h)
+        self.seed = _check_seed(seed)
+        if not _is_int(ignore_index):
+            raise TypeError(
+                f"ignore_index must be an integer label value, got {ignore_index!r}; "
+                "use -100 (the Hugging Face / PyTorch default)"
+            )
+        self.ignore_index = int(ignore_index)
+        self.exempt_token_ids = _check_exempt(exempt_token_ids)
+        for name, value in (("input_ids_key", input_ids_key), ("labels_key", labels_key)):
+            if not isinstance(value, str) or not value:
+                raise TypeError(f"{name} must be a non-empty string batch key, got {value!r}")
+        self.input_ids_key = input_ids_key
+        self.labels_key = labels_key
+
+    @classmethod
+    def pretraining(cls, **overrides: Any) -> GoldfishTokenDropout:
+        """Build the callback with the pretraining preset (k=50, h=50, as in Apertus).
+
+        Args:
+            **overrides: any constructor argument, applied over
+                :data:`GOLDFISH_PRETRAINING_PRESET`.
+
+        Returns:
+            A configured :class:`GoldfishTokenDropout`.
+
+        Example:
+            >>> cb = GoldfishTokenDropout.pretraining(seed=3)
+            >>> (cb.k, cb.h, cb.seed)
+            (50, 50, 3)
+        """
+        return cls(**{**GOLDFISH_PRETRAINING_PRESET, **overrides})
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(k={self.k}, h={self.h}, seed={self.seed}, "
+            f"ignore_index={self.ignore_index}, exempt_token_ids={self.exempt_token_ids}, "
+            f"input_ids_key={self.input_ids_key!r}, labels_key={self.labels_key!r})"
+        )
+
+    def apply(self, batch: MutableMapping[str, Any]) -> tuple[Tensor, Tensor]:
+        """Mask the labels of one batch in place of the dict (the tensors are not mutated).
+
+        Args:
+            batch: a mutable mapping holding ``input_ids_key`` (and optionally
+                ``"attention_mask"`` and ``labels_key``).
+
+        Returns:
+            ``(dropped, supervised)``: 0-d int64 tensors counting the dropped targets and the
+            supervised targets before dropping, over ``labels[..., 1:]``.
+
+        Example:
+            >>> import torch
+            >>> batch = {"input_ids": torch.arange(64).unsqueeze(0)}
+            >>> dropped, supervised = GoldfishTokenDropout(k=4).apply(batch)
+            >>> int(supervised), batch["labels"].shape
+            (63, torch.Size([1, 64]))
+        """
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"GoldfishTokenDropout needs dict-like training batches with the key "
+                f"{self.input_ids_key!r} (optionally 'attention_mask' and {self.labels_key!r}), "
+                f"got {type(batch).__name__}; return a dict from your Dataset or collate_fn"
+            )
+        if not isinstance(batch, MutableMapping):
+            raise TypeError(
+                f"GoldfishTokenDropout writes batch[{self.labels_key!r}], but the batch is an "
+                f"immutable {type(batch).__name__}; return a plain dict from your collate_fn"
+            )
+        if self.input_ids_key not in batch:
+            raise KeyError(
+                f"GoldfishTokenDropout: training batch has no key {self.input_ids_key!r} "
+                f"(input_ids_key); keys present: {sorted(map(str, batch.keys()))}. Pass "
+                f"input_ids_key=... to name the token-id entry"
+            )
+        input_ids = batch[self.input_ids_key]
+        attention_mask = batch.get("attention_mask")
+        drop = goldfish_mask(
+            input_ids,
+            k=self.k,
+            h=self.h,
+            seed=self.seed,
+            exempt_token_ids=self.exempt_token_ids,
+            attention_mask=attention_mask,
+        )
+        labels = batch.get(self.labels_key)
+        if labels is None:
+            labels = input_ids.to(torch.long, copy=True)
+            if attention_mask is not None:
+                labels = labels.masked_fill(attention_mask == 0, self.ignore_index)
+        else:
+            if not isinstance(labels, Tensor):
+                raise TypeError(
+                    f"batch[{self.labels_key!r}] must be a tensor of label ids, got "
+                    f"{type(labels).__name__}"
+                )
+            if not _is_integer_dtype(labels.dtype):
+                raise TypeError(
+                    f"batch[{self.labels_key!r}] must have an integer dtype, got {labels.dtype}; "
+                    "convert with labels.long()"
+                )
+            if labels.shape != input_ids.shape:
+                raise ValueError(
+                    f"batch[{self.labels_key!r}] has shape {tuple(labels.shape)} but "
+                    f"batch[{self.input_ids_key!r}] has {tuple(input_ids.shape)}; goldfish needs "
+                    "unshifted labels aligned with input_ids (the Hugging Face convention)"
+                )
+        supervised_before = labels != self.ignore_index
+        batch[self.labels_key] = labels.masked_fill(drop, self.ignore_index)
+        dropped = (drop & supervised_before)[..., 1:].sum()
+        supervised = supervised_before[..., 1:].sum()
+        return dropped, supervised
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Mask the training batch's labels and log ``goldfish/dropped_fraction``."""
+        dropped, supervised = self.apply(batch)
+        input_ids = batch[self.input_ids_key]
+        batch_size = int(input_ids.shape[0]) if input_ids.dim() == 2 else 1
+        fraction = dropped.to(torch.float32) / supervised.clamp_min(1).to(torch.float32)
+        pl_module.log(
+            "goldfish/dropped_fraction",
+            fraction,
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch_size,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The hash configuration, stored in checkpoints: ``{"k", "h", "seed"}``."""
+        return {"k": self.k, "h": self.h, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that a checkpoint was trained with this callback's ``(k, h, seed)``.
+
+        Raises:
+            ValueError: the checkpoint's configuration differs or is incomplete.
+        """
+        mine = self.state_dict()
+        missing = [key for key in mine if key not in state_dict]
+        if missing:
+            raise ValueError(
+                f"GoldfishTokenDropout checkpoint state lacks {missing} (got {state_dict!r}); "
+                f"it was not written by this callback"
+            )
+        theirs = {key: state_dict[key] for key in mine}
+        if theirs != mine:
+            diff = ", ".join(
+                f"{key}: checkpoint {theirs[key]!r} vs now {mine[key]!r}"
+                for key in mine
+                if theirs[key] != mine[key]
+            )
+            raise ValueError(
+                f"The checkpoint was trained with GoldfishTokenDropout(k={theirs['k']}, "
+                f"h={theirs['h']}, seed={theirs['seed']}) but this run uses (k={self.k}, "
+                f"h={self.h}, seed={self.seed}) [{diff}]; resuming with a different hash silently "
+                f"changes which targets are dropped. Resume with GoldfishTokenDropout("
+                f"k={theirs['k']}, h={theirs['h']}, seed={theirs['seed']}) or start a new run "
+                f"without ckpt_path"
+            )
