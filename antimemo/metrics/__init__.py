@@ -1,0 +1,14 @@
+"""Stateful, DDP-synced memorization metrics (``torchmetrics.Metric`` subclasses).
+
+- :class:`ExtractableMemorization`: exact / token / near-verbatim match of greedy suffixes.
+- :class:`CanaryExposure`: Secret Sharer exposure of inserted canaries (rank and skew-normal).
+- :class:`MembershipInference`: ROC AUC and TPR@FPR of loss, zlib, Min-K% and Min-K%++ attacks.
+
+The math lives in :mod:`antimemo.functional`; this package never imports Lightning.
+"""
+
+from antimemo.metrics.exposure import CanaryExposure
+from antimemo.metrics.extraction import ExtractableMemorization
+from antimemo.metrics.membership import MembershipInference
+
+__all__ = ["CanaryExposure", "ExtractableMemorization", "MembershipInference"]
