@@ -1,0 +1,752 @@
+"""``MemorizationMonitor``: measure verbatim memorization (and membership inference) in training.
+
+At the end of validation the callback prompts the model with the prefix of each of a fixed set
+of training sequences ("probes"), decodes greedily, and scores the generated suffix against the
+true one with :class:`~antimemo.metrics.ExtractableMemorization`. Optionally it also scores
+membership-inference attacks with :class:`~antimemo.metrics.MembershipInference`. Results are
+logged through ``pl_module.log`` so that they reach every logger and
+``trainer.callback_metrics`` (usable by ``EarlyStopping`` and ``ModelCheckpoint``).
+
+See ``docs/monitor.md`` for the protocol, every argument and the cost.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+from antimemo.functional.generation import greedy_generate
+from antimemo.functional.membership import token_logprob_stats
+from antimemo.metrics.extraction import ExtractableMemorization
+from antimemo.metrics.membership import MembershipInference
+
+__all__ = ["MemorizationMonitor"]
+
+_MIA_SCORES = ("loss", "zlib", "min_k", "min_k_plus_plus")
+_EXTRACTION_KEYS = ("exact_match", "token_match", "near_verbatim")
+_NAME = "MemorizationMonitor"
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
+    return value
+
+
+def _is_val(holdout: Any) -> bool:
+    return isinstance(holdout, str) and holdout == "val"
+
+
+def _is_map_dataset(obj: Any) -> bool:
+    return (
+        not isinstance(obj, (str, bytes, Mapping, IterableDataset))
+        and hasattr(obj, "__getitem__")
+        and hasattr(obj, "__len__")
+    )
+
+
+def _is_integer_dtype(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def _to_ids(item: Any, key: str, where: str) -> Tensor:
+    """The 1-D token ids of one dataset item: a dict holding ``key``, a 1-D tensor, a NumPy
+    array or a list of ints."""
+    if isinstance(item, Mapping):
+        if key not in item:
+            raise KeyError(
+                f"{_NAME}: {where} is a dict without the key input_ids_key={key!r} (its keys: "
+                f"{sorted(map(str, item))}); set input_ids_key to the key holding the token ids"
+            )
+        item = item[key]
+    if isinstance(item, np.ndarray):
+        item = torch.from_numpy(item)
+    if isinstance(item, (list, tuple)) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in item
+    ):
+        item = torch.tensor(item, dtype=torch.long)
+    if not isinstance(item, Tensor):
+        raise TypeError(
+            f"{_NAME}: {where} must be a dict with input_ids_key={key!r}, a 1-D LongTensor, a "
+            f"NumPy array or a list of ints, got {type(item).__name__}"
+        )
+    if item.dim() != 1:
+        raise ValueError(
+            f"{_NAME}: {where} must hold a 1-D tensor of token ids (one unpadded example), got "
+            f"shape {tuple(item.shape)}"
+        )
+    if not _is_integer_dtype(item.dtype):
+        raise TypeError(f"{_NAME}: {where} must hold integer token ids, got dtype {item.dtype}")
+    return item.detach().to("cpu", torch.long)
+
+
+def _draw(
+    dataset: Any, count: int, length: int, seed: int, key: str, what: str
+) -> tuple[list[int], list[Tensor]]:
+    """Walk ``randperm(len(dataset))`` (a private generator seeded with ``seed``) and keep the
+    first ``count`` examples with at least ``length`` tokens, cut to ``length``.
+
+    Returns ``(indices, rows)``. When fewer than ``count`` are returned, the whole dataset was
+    scanned, so ``len(indices)`` is the number of eligible examples."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    indices: list[int] = []
+    rows: list[Tensor] = []
+    for index in order:
+        ids = _to_ids(dataset[index], key, f"{what}[{index}]")
+        if ids.numel() >= length:
+            indices.append(index)
+            rows.append(ids[:length])
+            if len(indices) == count:
+                break
+    return indices, rows
+
+
+def _fetch(dataset: Any, indices: Sequence[int], length: int, key: str, what: str) -> Tensor:
+    """Rows ``dataset[i][:length]`` for restored indices, checking they still fit."""
+    rows = []
+    for index in indices:
+        if not 0 <= index < len(dataset):
+            raise ValueError(
+                f"{_NAME}: the restored {what} index {index} is out of range for a dataset of "
+                f"{len(dataset)} examples; the dataset changed since the checkpoint was saved. "
+                "Resume with the same data, or start a new run to draw new probes"
+            )
+        ids = _to_ids(dataset[index], key, f"{what}[{index}]")
+        if ids.numel() < length:
+            raise ValueError(
+                f"{_NAME}: the restored {what} index {index} now has {ids.numel()} tokens, fewer "
+                f"than the {length} needed; the dataset changed since the checkpoint was saved"
+            )
+        rows.append(ids[:length])
+    return torch.stack(rows)
+
+
+def _loader_dataset(loaders: Any, what: str, fix: str) -> Any:
+    if isinstance(loaders, (list, tuple)) and len(loaders) == 1:
+        loaders = loaders[0]
+    if not isinstance(loaders, DataLoader):
+        raise TypeError(
+            f"{_NAME}: the {what} must be a single torch DataLoader to draw examples from, got "
+            f"{type(loaders).__name__}; {fix}"
+        )
+    dataset = loaders.dataset
+    if not _is_map_dataset(dataset):
+        raise TypeError(
+            f"{_NAME}: the {what}'s dataset ({type(dataset).__name__}) is not a map-style dataset "
+            f"(with __len__ and __getitem__), so examples cannot be drawn by index; {fix}"
+        )
+    return dataset
+
+
+def _ids_bytes(ids: Tensor) -> bytes:
+    """The token ids as int32 little-endian bytes: the zlib text when no ``decode`` is given."""
+    return ids.to(torch.int32).numpy().astype("<i4").tobytes()
+
+
+def _module_modes(*roots: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    seen: dict[int, tuple[torch.nn.Module, bool]] = {}
+    for root in roots:
+        for module in root.modules():
+            seen.setdefault(id(module), (module, module.training))
+    return list(seen.values())
+
+
+def _get_rng_state(cuda: bool) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if cuda:
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _cuda_in_use() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def _silence_epoch_sync_warning(name: str) -> None:
+    """Lightning advises ``sync_dist=True`` for every epoch-level value logged under DDP. Ours
+    are already synced by the metric (identical on every rank), so the advice does not apply:
+    ignore it for exactly our keys (an identical filter is replaced, so the list never grows)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    warnings.filterwarnings(
+        "ignore",
+        message=rf"It is recommended to use `self\.log\({re.escape(repr(name))}, \.\.\., sync_dist",
+    )
+
+
+# ----------------------------------------------------------------------------------- callback
+
+
+class MemorizationMonitor(Callback):
+    """Log extractable memorization of a fixed set of training probes at the end of validation.
+
+    **Probes.** At ``on_train_start`` the callback draws ``num_probes`` examples from the training
+    dataset (``trainer.train_dataloader.dataset``, map-style; items are dicts holding
+    ``input_ids_key`` or 1-D token-id tensors, unpadded). It walks
+    ``torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))`` and keeps the
+    first ``num_probes`` examples with at least ``prefix_length + suffix_length`` tokens; a probe
+    is the first ``prefix_length + suffix_length`` tokens of its example. The global RNG is never
+    consumed. Alternatively pass ``probes=`` yourself.
+
+    **Evaluation.** At ``on_validation_epoch_end`` of every ``every_n_epochs``-th epoch (never in
+    the sanity check, only while fitting), the model greedily decodes ``suffix_length`` tokens
+    from each prefix (:func:`~antimemo.functional.greedy_generate`, batched, KV cache) and
+    :class:`~antimemo.metrics.ExtractableMemorization` scores them. These keys are logged with
+    ``pl_module.log(..., sync_dist=False)`` (the metric already synced across ranks):
+
+    - ``{log_prefix}/exact_match``: fraction of probes whose whole suffix is reproduced,
+    - ``{log_prefix}/token_match``: mean fraction of suffix positions reproduced,
+    - ``{log_prefix}/near_verbatim``: fraction with edit similarity >= ``near_verbatim_threshold``,
+    - with ``holdout``: ``{log_prefix}/mia/{score}/auc``, ``.../tpr@1%fpr`` and
+      ``.../tpr@0.1%fpr`` for each score in ``mia_scores``.
+
+    **Membership inference** (``holdout`` given). Members and non-members are sequences of
+    ``prefix_length + suffix_length`` tokens drawn like the probes (same seed, same length rule),
+    equally many of each: ``min(#eligible members, #eligible non-members, num_probes)``. One
+    no-grad forward pass per batch gives per-token log-probs
+    (:func:`~antimemo.functional.token_logprob_stats`). For the ``zlib`` score the text of a
+    sequence is ``decode(ids)`` when ``decode`` is given, else the bytes of its token ids written
+    as int32 little-endian (``np.asarray(ids, "<i4").tobytes()``): a tokenizer-free
+    compressibility proxy, not comparable to zlib scores computed on real text.
+
+    **DDP.** Every rank draws the same probes and evaluates the shard
+    ``probes[rank::world_size]``; the metrics' ``compute()`` gathers all shards, so every rank
+    logs the same values. There must be at least as many probes (and MIA sequences, members plus
+    non-members) as ranks.
+
+    **Side effects.** None: the train/eval mode of every submodule and the RNG states (torch CPU,
+    CUDA when initialized, Python ``random``, NumPy) are restored after each evaluation, which
+    runs under ``torch.no_grad()``.
+
+    Args:
+        num_probes: Number of training probes to draw (ignored when ``probes`` is given); also
+            the cap on the number of members and of non-members for MIA.
+        prefix_length: Tokens of context given to the model.
+        suffix_length: Tokens generated and compared with the true continuation.
+        every_n_epochs: Evaluate when ``(current_epoch + 1) % every_n_epochs == 0`` (and
+            validation runs in that epoch).
+        batch_size: Probes decoded (and MIA sequences scored) per forward pass.
+        holdout: ``None`` (no MIA); ``"val"`` (non-members drawn from the validation dataset,
+            members from the training dataset); a map-style dataset of non-members (members from
+            the training dataset); or ``{"members": ..., "non_members": ...}`` (datasets, lists of
+            1-D tensors, or 2-D LongTensors).
+        seed: Seed of the draws (a private ``torch.Generator``).
+        probes: Explicit probes: a LongTensor ``[N, prefix_length + suffix_length]`` or a list of
+            1-D tensors of exactly ``prefix_length + suffix_length`` tokens.
+        near_verbatim_threshold: Edit-similarity threshold of ``near_verbatim``, in ``[0, 1]``.
+        model_attr: Attribute of the LightningModule holding the causal LM (``"model"``), or
+            ``None`` to call the LightningModule itself.
+        input_ids_key: Key of the token ids in dict dataset items.
+        mia_scores: MIA scores to report, a subset of
+            ``("loss", "zlib", "min_k", "min_k_plus_plus")``.
+        decode: Optional ``Callable[[list[int]], str | bytes]`` giving the text of a sequence for
+            the zlib score (e.g. ``tokenizer.decode``). Must be picklable for ``ddp_spawn``.
+        log_prefix: Prefix of the logged keys.
+        use_cache: Decode with the KV cache (``model(..., past_key_values=..., use_cache=True)``);
+            ``False`` for models without one (slower: the whole sequence is re-run per token).
+
+    Attributes:
+        probes: LongTensor ``[N, prefix_length + suffix_length]`` (CPU) once drawn.
+        probe_indices: Training-dataset indices of the probes (``None`` when ``probes`` was given).
+        mia_member_indices: Indices of the MIA members in their dataset (``None`` without MIA).
+        mia_non_member_indices: Indices of the MIA non-members in their dataset.
+        last_results: Floats of the last evaluation, keyed without ``log_prefix``
+            (``"exact_match"``, ``"mia/loss/auc"``, ...).
+        history: List of ``(epoch, global_step, results)`` tuples, one per evaluation.
+
+    Raises:
+        ValueError / TypeError: at construction, for an invalid argument; at ``on_train_start``,
+            when there is no validation loop, ``model_attr`` is missing, the training data is
+            not a map-style dataset, or too few examples are long enough.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.callbacks import EarlyStopping
+        >>> monitor = MemorizationMonitor(num_probes=64, prefix_length=32, suffix_length=32)
+        >>> # stop once more than 5% of the probes are reproduced verbatim
+        >>> stop = EarlyStopping(monitor="memorization/exact_match", mode="min",
+        ...                      divergence_threshold=0.05, patience=10**9)
+        >>> trainer = pl.Trainer(max_epochs=10, callbacks=[monitor, stop])  # doctest: +SKIP
+        >>> trainer.fit(module, datamodule=data)  # doctest: +SKIP
+        >>> monitor.last_results["exact_match"]  # doctest: +SKIP
+        0.015625
+    """
+
+    def __init__(
+        self,
+        num_probes: int = 64,
+        prefix_length: int = 32,
+        suffix_length: int = 32,
+        every_n_epochs: int = 1,
+        batch_size: int = 32,
+        holdout: Any = None,
+        seed: int = 0,
+        probes: Tensor | Sequence[Tensor] | None = None,
+        near_verbatim_threshold: float = 0.9,
+        model_attr: str | None = "model",
+        input_ids_key: str = "input_ids",
+        mia_scores: Sequence[str] = _MIA_SCORES,
+        decode: Callable[[list[int]], str | bytes] | None = None,
+        log_prefix: str = "memorization",
+        use_cache: bool = True,
+    ) -> None:
+        super().__init__()
+        self.num_probes = _check_int("num_probes", num_probes, 1, "e.g. num_probes=64")
+        self.prefix_length = _check_int(
+            "prefix_length", prefix_length, 1, "it is the number of context tokens, e.g. 32"
+        )
+        self.suffix_length = _check_int(
+            "suffix_length", suffix_length, 1, "it is the number of generated tokens, e.g. 32"
+        )
+        self.every_n_epochs = _check_int(
+            "every_n_epochs", every_n_epochs, 1, "1 evaluates after every epoch"
+        )
+        self.batch_size = _check_int(
+            "batch_size", batch_size, 1, "it is the number of probes per forward pass, e.g. 32"
+        )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        if (
+            isinstance(near_verbatim_threshold, bool)
+            or not isinstance(near_verbatim_threshold, (int, float))
+            or not 0.0 <= float(near_verbatim_threshold) <= 1.0
+        ):
+            raise ValueError(
+                "near_verbatim_threshold must be a number in [0, 1], got "
+                f"{near_verbatim_threshold!r}; 0.9 counts a suffix as near-verbatim when its edit "
+                "similarity is >= 90%"
+            )
+        self.near_verbatim_threshold = float(near_verbatim_threshold)
+        if model_attr is not None and (not isinstance(model_attr, str) or not model_attr):
+            raise ValueError(
+                f"model_attr must be a non-empty attribute name or None, got {model_attr!r}; "
+                "None generates with the LightningModule itself"
+            )
+        self.model_attr = model_attr
+        if not isinstance(input_ids_key, str) or not input_ids_key:
+            raise ValueError(f"input_ids_key must be a non-empty string, got {input_ids_key!r}")
+        self.input_ids_key = input_ids_key
+        if isinstance(mia_scores, str) or not isinstance(mia_scores, Sequence) or not mia_scores:
+            raise ValueError(
+                f"mia_scores must be a non-empty sequence of names from {_MIA_SCORES}, got "
+                f"{mia_scores!r}"
+            )
+        unknown = [s for s in mia_scores if s not in _MIA_SCORES]
+        if unknown or len(set(mia_scores)) != len(mia_scores):
+            raise ValueError(
+                f"mia_scores must be distinct names from {_MIA_SCORES}, got {tuple(mia_scores)!r}"
+                + (f" (unknown: {unknown})" if unknown else " (duplicates)")
+            )
+        self.mia_scores = tuple(mia_scores)
+        if decode is not None and not callable(decode):
+            raise TypeError(
+                "decode must be a callable (e.g. tokenizer.decode) or None, got "
+                f"{type(decode).__name__}"
+            )
+        self.decode = decode
+        if not isinstance(log_prefix, str) or not log_prefix or log_prefix.endswith("/"):
+            raise ValueError(
+                f"log_prefix must be a non-empty string not ending in '/', got {log_prefix!r}; "
+                "keys are logged as f'{log_prefix}/exact_match'"
+            )
+        self.log_prefix = log_prefix
+        if not isinstance(use_cache, bool):
+            raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
+        self.use_cache = use_cache
+        self.holdout = self._check_holdout(holdout)
+
+        self._explicit_probes = probes is not None
+        self.probes: Tensor | None = self._check_probes(probes) if probes is not None else None
+        self.probe_indices: list[int] | None = None
+        self.mia_member_indices: list[int] | None = None
+        self.mia_non_member_indices: list[int] | None = None
+        self._mia_members: Tensor | None = None
+        self._mia_non_members: Tensor | None = None
+        self.last_results: dict[str, float] = {}
+        self.history: list[tuple[int, int, dict[str, float]]] = []
+
+    # -------------------------------------------------------------------- argument checks
+
+    @property
+    def probe_length(self) -> int:
+        """Tokens per probe: ``prefix_length + suffix_length``."""
+        return self.prefix_length + self.suffix_length
+
+    @staticmethod
+    def _check_holdout(holdout: Any) -> Any:
+        if holdout is None or _is_val(holdout):
+            return holdout
+        if isinstance(holdout, str):
+            raise ValueError(
+                "holdout must be None, 'val', a dataset of non-members or a dict with 'members' "
+                f"and 'non_members', got the string {holdout!r}"
+            )
+        if isinstance(holdout, Mapping):
+            if set(holdout) != {"members", "non_members"}:
+                raise ValueError(
+                    "holdout as a dict must have exactly the keys 'members' and 'non_members', "
+                    f"got {sorted(map(str, holdout))}"
+                )
+            for name in ("members", "non_members"):
+                if not _is_map_dataset(holdout[name]):
+                    raise TypeError(
+                        f"holdout[{name!r}] must be a map-style dataset (with __len__ and "
+                        "__getitem__), a list of 1-D tensors or a 2-D LongTensor, got "
+                        f"{type(holdout[name]).__name__}"
+                    )
+            return holdout
+        if not _is_map_dataset(holdout):
+            raise TypeError(
+                "holdout must be None, 'val', a map-style dataset of non-members (with __len__ "
+                "and __getitem__) or a dict with 'members' and 'non_members', got "
+                f"{type(holdout).__name__}"
+            )
+        return holdout
+
+    def _check_probes(self, probes: Any) -> Tensor:
+        need = self.probe_length
+        fix = (
+            f"each probe must have prefix_length + suffix_length = {self.prefix_length} + "
+            f"{self.suffix_length} = {need} tokens; slice them (e.g. probes[:, :{need}]) or "
+            "change prefix_length / suffix_length"
+        )
+        if isinstance(probes, Tensor):
+            if probes.dim() != 2 or probes.shape[1] != need or probes.shape[0] < 1:
+                raise ValueError(
+                    f"probes must have shape [N >= 1, {need}], got {tuple(probes.shape)}; {fix}"
+                )
+            if not _is_integer_dtype(probes.dtype):
+                raise TypeError(
+                    f"probes must hold integer token ids, got dtype {probes.dtype}; use "
+                    "probes.long()"
+                )
+            return probes.detach().to("cpu", torch.long).clone()
+        if (
+            isinstance(probes, (str, bytes, Mapping))
+            or not isinstance(probes, Sequence)
+            or not probes
+        ):
+            raise TypeError(
+                f"probes must be a LongTensor [N, {need}] or a non-empty list of 1-D tensors, got "
+                f"{type(probes).__name__}"
+            )
+        rows = []
+        for i, row in enumerate(probes):
+            if not isinstance(row, Tensor) or row.dim() != 1:
+                shape = tuple(row.shape) if isinstance(row, Tensor) else type(row).__name__
+                raise ValueError(f"probes[{i}] must be a 1-D tensor, got {shape}; {fix}")
+            if row.numel() != need:
+                raise ValueError(f"probes[{i}] has {row.numel()} tokens; {fix}")
+            if not _is_integer_dtype(row.dtype):
+                raise TypeError(f"probes[{i}] must hold integer token ids, got dtype {row.dtype}")
+            rows.append(row.detach().to("cpu", torch.long))
+        return torch.stack(rows)
+
+    def _model(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        if self.model_attr is None:
+            return pl_module
+        owner = type(pl_module).__name__
+        model = getattr(pl_module, self.model_attr, None)
+        if model is None:
+            raise AttributeError(
+                f"{_NAME}(model_attr={self.model_attr!r}): {owner} has no attribute "
+                f"{self.model_attr!r} (or it is None); set model_attr to the attribute holding "
+                "the causal LM, or model_attr=None to generate with the LightningModule itself"
+            )
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(
+                f"{_NAME}(model_attr={self.model_attr!r}): {owner}.{self.model_attr} must be a "
+                f"torch.nn.Module (a causal LM), got {type(model).__name__}"
+            )
+        return model
+
+    # -------------------------------------------------------------------- Lightning hooks
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            log_prefix=self.log_prefix,
+            num_probes=self.num_probes,
+            prefix_length=self.prefix_length,
+            suffix_length=self.suffix_length,
+            seed=self.seed,
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the set-up and draw (or restore) the probes and the MIA sequences."""
+        if not trainer.enable_validation:
+            reasons = []
+            if not is_overridden("validation_step", pl_module):
+                reasons.append(f"{type(pl_module).__name__} does not override validation_step")
+            if not trainer.limit_val_batches:
+                reasons.append(f"limit_val_batches={trainer.limit_val_batches!r}")
+            if not reasons:
+                reasons.append(
+                    "no val_dataloader was given (to fit, the LightningModule or the datamodule)"
+                )
+            raise RuntimeError(
+                f"{_NAME} runs at the end of validation, but this fit has no validation loop: "
+                + "; ".join(reasons)
+                + ". Define validation_step and a val_dataloader (any small held-out set works)."
+            )
+        self._model(pl_module)  # fail now, not after the first epoch, when model_attr is wrong
+        rng = _get_rng_state(_cuda_in_use())
+        try:
+            self._prepare_probes(trainer)
+            if self.holdout is not None and (
+                not _is_val(self.holdout) or trainer.val_dataloaders is not None
+            ):
+                self._prepare_mia(trainer)
+        finally:
+            _set_rng_state(rng)  # a dataset's __getitem__ may use the global RNGs
+        if self.probes.shape[0] < trainer.world_size:
+            raise ValueError(
+                f"{_NAME} has {self.probes.shape[0]} probes for {trainer.world_size} processes; "
+                f"every rank needs at least one probe: use num_probes >= {trainer.world_size}"
+            )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Evaluate and log, unless sanity checking, not fitting, or not an evaluation epoch."""
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+            return
+        if self.probes is None:
+            raise RuntimeError(
+                f"{_NAME} has no probes: on_train_start did not run. Pass the callback to the "
+                "Trainer before trainer.fit(...)"
+            )
+        results = self._evaluate(trainer, pl_module)
+        for key, value in results.items():
+            name = f"{self.log_prefix}/{key}"
+            _silence_epoch_sync_warning(name)
+            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+        self.last_results = results
+        self.history.append((int(trainer.current_epoch), int(trainer.global_step), dict(results)))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Probe and MIA indices and the history (plain Python values, ``weights_only``-safe)."""
+
+        def copy(indices: list[int] | None) -> list[int] | None:
+            return None if indices is None else list(indices)
+
+        return {
+            "probe_indices": copy(self.probe_indices),
+            "mia_member_indices": copy(self.mia_member_indices),
+            "mia_non_member_indices": copy(self.mia_non_member_indices),
+            "history": [(epoch, step, dict(r)) for epoch, step, r in self.history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore indices and history; the next ``on_train_start`` re-reads those examples."""
+
+        def as_list(value: Any) -> list[int] | None:
+            if value is None:
+                return None
+            if isinstance(value, Tensor):
+                value = value.tolist()
+            return [int(v) for v in value]
+
+        self.probe_indices = as_list(state_dict.get("probe_indices"))
+        self.mia_member_indices = as_list(state_dict.get("mia_member_indices"))
+        self.mia_non_member_indices = as_list(state_dict.get("mia_non_member_indices"))
+        self.history = [
+            (int(epoch), int(step), {k: float(v) for k, v in results.items()})
+            for epoch, step, results in state_dict.get("history", [])
+        ]
+        self.last_results = dict(self.history[-1][2]) if self.history else {}
+        if not self._explicit_probes:
+            self.probes = None  # re-read from the dataset at on_train_start
+        self._mia_members = self._mia_non_members = None
+
+    # -------------------------------------------------------------------- drawing
+
+    def _train_dataset(self, trainer: pl.Trainer) -> Any:
+        return _loader_dataset(
+            trainer.train_dataloader,
+            "training dataloader",
+            "pass probes= (and, for MIA, holdout={'members': ..., 'non_members': ...})",
+        )
+
+    def _prepare_probes(self, trainer: pl.Trainer) -> None:
+        if self._explicit_probes:
+            return
+        need, key = self.probe_length, self.input_ids_key
+        dataset = self._train_dataset(trainer)
+        if self.probe_indices is not None:
+            self.probes = _fetch(dataset, self.probe_indices, need, key, "training dataset")
+            return
+        indices, rows = _draw(dataset, self.num_probes, need, self.seed, key, "training dataset")
+        if len(indices) < self.num_probes:
+            raise ValueError(
+                f"{_NAME}(num_probes={self.num_probes}) needs {self.num_probes} training examples "
+                f"with at least prefix_length + suffix_length = {self.prefix_length} + "
+                f"{self.suffix_length} = {need} tokens, but only {len(indices)} of the "
+                f"{len(dataset)} training examples are that long; lower num_probes, prefix_length "
+                "or suffix_length, or pass probes="
+            )
+        self.probe_indices = indices
+        self.probes = torch.stack(rows)
+
+    def _mia_sources(self, trainer: pl.Trainer) -> tuple[Any, Any]:
+        if isinstance(self.holdout, Mapping):
+            return self.holdout["members"], self.holdout["non_members"]
+        members = self._train_dataset(trainer)
+        if _is_val(self.holdout):
+            non_members = _loader_dataset(
+                trainer.val_dataloaders,
+                "validation dataloader (holdout='val')",
+                "pass holdout=<dataset of non-members> instead",
+            )
+            return members, non_members
+        return members, self.holdout
+
+    def _prepare_mia(self, trainer: pl.Trainer) -> None:
+        need, key = self.probe_length, self.input_ids_key
+        members_src, non_members_src = self._mia_sources(trainer)
+        if self.mia_member_indices is not None and self.mia_non_member_indices is not None:
+            self._mia_members = _fetch(members_src, self.mia_member_indices, need, key, "MIA member")
+            self._mia_non_members = _fetch(
+                non_members_src, self.mia_non_member_indices, need, key, "MIA non-member"
+            )
+            return
+        m_idx, m_rows = _draw(members_src, self.num_probes, need, self.seed, key, "MIA member")
+        n_idx, n_rows = _draw(
+            non_members_src, self.num_probes, need, self.seed, key, "MIA non-member"
+        )
+        count = min(len(m_idx), len(n_idx))
+        if count == 0:
+            raise ValueError(
+                f"{_NAME}(holdout={self._holdout_name()}) found {len(m_idx)} member and "
+                f"{len(n_idx)} non-member examples with at least prefix_length + suffix_length = "
+                f"{need} tokens; MIA needs at least one of each: use longer examples or lower "
+                "prefix_length / suffix_length"
+            )
+        if 2 * count < trainer.world_size:
+            raise ValueError(
+                f"{_NAME}: MIA has {count} members and {count} non-members for "
+                f"{trainer.world_size} processes; every rank needs at least one sequence, so "
+                "provide more holdout examples"
+            )
+        if count < self.num_probes:
+            rank_zero_warn(
+                f"{_NAME}: MIA uses {count} members and {count} non-members (not num_probes="
+                f"{self.num_probes}): only {len(m_idx)} member and {len(n_idx)} non-member "
+                f"examples have >= {need} tokens",
+                category=UserWarning,
+            )
+        self.mia_member_indices, self.mia_non_member_indices = m_idx[:count], n_idx[:count]
+        self._mia_members = torch.stack(m_rows[:count])
+        self._mia_non_members = torch.stack(n_rows[:count])
+
+    def _holdout_name(self) -> str:
+        if isinstance(self.holdout, str):
+            return repr(self.holdout)
+        return type(self.holdout).__name__
+
+    # -------------------------------------------------------------------- evaluation
+
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        model = self._model(pl_module)
+        device = pl_module.device
+        rank, world = trainer.global_rank, trainer.world_size
+        modes = _module_modes(pl_module, model)
+        rng = _get_rng_state(device.type == "cuda" or _cuda_in_use())
+        try:
+            model.eval()
+            with torch.no_grad():
+                if self.holdout is not None and self._mia_members is None:
+                    self._prepare_mia(trainer)  # holdout="val" before the val loader existed
+                results = self._extraction(model, device, rank, world)
+                if self.holdout is not None:
+                    results.update(self._membership(model, device, rank, world))
+        finally:
+            for module, training in modes:
+                module.training = training  # per module: Module.train() would recurse
+            _set_rng_state(rng)
+        return results
+
+    def _extraction(
+        self, model: torch.nn.Module, device: torch.device, rank: int, world: int
+    ) -> dict[str, float]:
+        shard = self.probes[rank::world].to(device)
+        generated = greedy_generate(
+            model,
+            shard[:, : self.prefix_length],
+            self.suffix_length,
+            self.batch_size,
+            use_cache=self.use_cache,
+        )
+        metric = ExtractableMemorization(
+            prefix_length=self.prefix_length,
+            suffix_length=self.suffix_length,
+            near_verbatim_threshold=self.near_verbatim_threshold,
+        ).to(device)
+        metric.update(generated.to(device), shard[:, self.prefix_length :])
+        computed = metric.compute()  # a collective under DDP: every rank calls it
+        return {key: float(computed[key]) for key in _EXTRACTION_KEYS}
+
+    def _membership(
+        self, model: torch.nn.Module, device: torch.device, rank: int, world: int
+    ) -> dict[str, float]:
+        members, non_members = self._mia_members, self._mia_non_members
+        sequences = torch.cat([members, non_members])[rank::world]
+        is_member = (torch.arange(len(members) + len(non_members)) < len(members))[rank::world]
+        metric = MembershipInference(scores=self.mia_scores).to(device)
+        for start in range(0, len(sequences), self.batch_size):
+            batch = sequences[start : start + self.batch_size].to(device)
+            output = model(input_ids=batch)
+            logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+            if not isinstance(logits, Tensor):
+                raise TypeError(
+                    f"{_NAME}: MIA needs model(input_ids=...) to return logits [B, T, V] (a "
+                    f"tensor or an object with .logits), got {type(output).__name__}"
+                )
+            log_probs, mu, sigma, mask = token_logprob_stats(logits, batch)
+            texts = None
+            if "zlib" in self.mia_scores:
+                rows = batch.cpu()
+                texts = [
+                    self.decode(row.tolist()) if self.decode is not None else _ids_bytes(row)
+                    for row in rows
+                ]
+            metric.update(
+                log_probs,
+                is_member[start : start + self.batch_size].to(device),
+                mask=mask,
+                mu=mu,
+                sigma=sigma,
+                texts=texts,
+            )
+        computed = metric.compute()  # a collective under DDP: every rank calls it
+        return {f"mia/{key}": float(value) for key, value in computed.items()}

@@ -1,0 +1,191 @@
+"""Batched greedy decoding with a KV cache, for memorization probes.
+
+Extraction metrics (Carlini et al. 2022; the Pythia memorization score) ask whether greedy
+(argmax) decoding from a training prefix reproduces the true suffix. :func:`greedy_generate`
+produces exactly ``suffix_length`` tokens per prefix: it never stops at an end-of-sequence token,
+never samples and never pads, so every probe is scored on the same number of positions.
+
+This module imports only torch: it works with any causal LM whose forward takes ``input_ids`` and
+returns logits, HF-style (``output.logits``; with ``use_cache=True`` also
+``output.past_key_values``), or a plain logits tensor when ``use_cache=False``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = ["greedy_generate"]
+
+
+def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
+    return value
+
+
+def _model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return fallback
+
+
+def _logits_of(output: Any, use_cache: bool) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        if use_cache:
+            raise TypeError(
+                "greedy_generate(use_cache=True) needs a model whose forward returns an object "
+                "with `.logits` and `.past_key_values` (e.g. a transformers causal LM), but it "
+                "returned a plain tensor; pass use_cache=False to re-run the full sequence at "
+                "every step instead"
+            )
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        shape = ""
+        if isinstance(logits, torch.Tensor):
+            shape = f" with logits of shape {tuple(logits.shape)}"
+        raise TypeError(
+            "greedy_generate expects model(input_ids=...) to return logits of shape "
+            "[batch, length, vocab] (a tensor or an object with `.logits`), got "
+            f"{type(output).__name__}{shape}"
+        )
+    return logits
+
+
+def greedy_generate(
+    model: torch.nn.Module,
+    prefixes: torch.Tensor,
+    suffix_length: int,
+    batch_size: int = 32,
+    *,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Greedily decode exactly ``suffix_length`` tokens after each prefix.
+
+    The prefixes are processed in chunks of ``batch_size`` rows. For each chunk the model reads the
+    whole prefix once (``model(input_ids=prefix, use_cache=True)``), then feeds back one argmax
+    token at a time together with ``past_key_values`` (the KV cache). No token ends generation
+    early (there is no EOS handling), there is no sampling and no padding (all prefixes have the
+    same length), so the result is what a naive loop that re-runs the full sequence and appends
+    ``argmax(logits[:, -1])`` produces (tested token for token), at a fraction of the cost.
+
+    Why not ``transformers``' ``generate(do_sample=False, min_new_tokens=S, max_new_tokens=S)``:
+    to honour ``min_new_tokens`` it masks the EOS logit for all ``S`` steps, so whenever EOS is
+    the most likely token it emits the runner-up instead and its output is no longer the greedy
+    continuation.
+
+    The function runs under :func:`torch.no_grad` on the model's device and does **not** change the
+    model's train/eval mode: call ``model.eval()`` first if it has dropout (the
+    :class:`~antimemo.callbacks.MemorizationMonitor` does this for you and restores the mode).
+
+    Args:
+        model: A causal LM. With ``use_cache=True`` (default) ``model(input_ids=...,
+            past_key_values=..., use_cache=True)`` must return an object with ``.logits``
+            ``[B, T, V]`` and ``.past_key_values``, as every ``transformers`` ``*ForCausalLM`` does.
+            With ``use_cache=False`` only ``model(input_ids=...)`` is called, and it may return the
+            logits tensor itself.
+        prefixes: Integer tensor ``[N, P]`` of token ids, ``P >= 1`` (a 1-D tensor is rejected:
+            add a batch dimension with ``prefixes[None]``).
+        suffix_length: Number of tokens to generate per prefix, ``>= 1``.
+        batch_size: Number of prefixes decoded together, ``>= 1``. Only memory and speed depend
+            on it (up to floating-point near-ties between the top two logits).
+        use_cache: Reuse the KV cache between steps (fast). ``False`` re-runs the whole sequence
+            at every step, for models that do not support ``past_key_values``.
+
+    Returns:
+        LongTensor ``[N, suffix_length]`` of generated token ids, on the model's device.
+
+    Example:
+        >>> import torch, transformers
+        >>> from antimemo.functional import greedy_generate
+        >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        ...     max_position_embeddings=128)
+        >>> model = transformers.LlamaForCausalLM(config).eval()
+        >>> prefixes = torch.randint(0, 32, (5, 8))
+        >>> greedy_generate(model, prefixes, suffix_length=4, batch_size=2).shape
+        torch.Size([5, 4])
+    """
+    if not callable(model):
+        raise TypeError(
+            f"model must be a callable causal LM (a torch.nn.Module), got {type(model).__name__}"
+        )
+    if not isinstance(prefixes, torch.Tensor):
+        raise TypeError(
+            f"prefixes must be a LongTensor of shape [N, P], got {type(prefixes).__name__}; "
+            "stack equal-length prefixes with torch.stack(list_of_1d_tensors)"
+        )
+    if prefixes.dim() != 2:
+        raise ValueError(
+            f"prefixes must be 2-D [N, P] (one row per probe), got shape {tuple(prefixes.shape)}; "
+            "for a single prefix use prefixes[None]"
+        )
+    dtype = prefixes.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(
+            f"prefixes must hold integer token ids, got dtype {dtype}; convert with prefixes.long()"
+        )
+    if prefixes.shape[1] < 1:
+        raise ValueError(
+            f"prefixes must have at least one token per row, got shape {tuple(prefixes.shape)}; "
+            "greedy decoding needs a non-empty context"
+        )
+    _check_int("suffix_length", suffix_length, 1, "it is the number of tokens generated per prefix")
+    _check_int("batch_size", batch_size, 1, "it is the number of prefixes decoded at once, e.g. 32")
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
+
+    device = prefixes.device
+    if isinstance(model, torch.nn.Module):
+        device = _model_device(model, fallback=prefixes.device)
+    # no EOS handling on purpose: transformers' generate(min_new_tokens=S) would instead mask the
+    # EOS logit for S steps, which changes the argmax whenever EOS is the most likely token
+    num = prefixes.shape[0]
+    out = torch.empty((num, suffix_length), dtype=torch.long, device=device)
+    with torch.no_grad():
+        for start in range(0, num, batch_size):
+            chunk = prefixes[start : start + batch_size].to(device=device, dtype=torch.long)
+            out[start : start + chunk.shape[0]] = (
+                _decode_cached(model, chunk, suffix_length)
+                if use_cache
+                else _decode_uncached(model, chunk, suffix_length)
+            )
+    return out
+
+
+def _decode_cached(model: Any, chunk: torch.Tensor, suffix_length: int) -> torch.Tensor:
+    tokens = torch.empty((chunk.shape[0], suffix_length), dtype=torch.long, device=chunk.device)
+    output = model(input_ids=chunk, use_cache=True)
+    logits = _logits_of(output, use_cache=True)
+    past = getattr(output, "past_key_values", None)
+    if past is None:
+        raise TypeError(
+            "greedy_generate(use_cache=True) got no `past_key_values` from the model's output "
+            f"({type(output).__name__}); pass use_cache=False for models without a KV cache"
+        )
+    next_token = logits[:, -1, :].argmax(dim=-1)
+    tokens[:, 0] = next_token
+    for step in range(1, suffix_length):
+        output = model(input_ids=next_token[:, None], past_key_values=past, use_cache=True)
+        past = output.past_key_values
+        next_token = _logits_of(output, use_cache=True)[:, -1, :].argmax(dim=-1)
+        tokens[:, step] = next_token
+    return tokens
+
+
+def _decode_uncached(model: Any, chunk: torch.Tensor, suffix_length: int) -> torch.Tensor:
+    sequence = chunk
+    for _ in range(suffix_length):
+        logits = _logits_of(model(input_ids=sequence), use_cache=False)
+        next_token = logits[:, -1, :].argmax(dim=-1)
+        sequence = torch.cat([sequence, next_token[:, None]], dim=1)
+    return sequence[:, chunk.shape[1] :]
