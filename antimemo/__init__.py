@@ -23,6 +23,14 @@ _LAZY = {
     "ExtractableMemorization": "antimemo.metrics.extraction",
     "CanaryExposure": "antimemo.metrics.exposure",
     "MembershipInference": "antimemo.metrics.membership",
+    "DedupSampling": "antimemo.callbacks.dedup",
+    "DedupSampler": "antimemo.sampling",
+    "DuplicateIndex": "antimemo.dedup.index",
+    "LossFloor": "antimemo.callbacks.loss_floor",
+    "LossTruncation": "antimemo.callbacks.loss_truncation",
+    "SpectralNormPenalty": "antimemo.callbacks.spectral_norm",
+    "ExampleTiedDropout": "antimemo.callbacks.example_tied_dropout",
+    "WithExampleIds": "antimemo.callbacks.example_tied_dropout",
 }
 
 __all__ = ["__version__", *_LAZY]

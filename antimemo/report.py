@@ -1,0 +1,252 @@
+"""The memorization report printed after ``antimemo fit`` and written as ``report.json``.
+
+A report is a plain ``dict`` (JSON-serialisable) so that later tooling (ablations, plots) can read
+it back with ``json.load``. Keys:
+
+- ``goldfish``: ``None`` (off) or ``{"k", "h", "seed"}``.
+- ``exact_match``, ``token_match``, ``near_verbatim``: the last ``MemorizationMonitor`` evaluation
+  (``None`` when no monitor ran), and ``memorization_after_epochs`` (epochs completed when it was
+  measured; equal to ``epochs`` when the final model was measured).
+- ``val_loss``: held-out loss of the last validation; ``best_val_loss``: the lowest one seen.
+- ``train_loss``: mean training loss of the last epoch (over the targets trained on: goldfish-dropped
+  targets are excluded).
+- ``num_probes``, ``prefix_length``, ``suffix_length``: the probe protocol.
+- ``train_wall_time_s``, ``global_step``, ``epochs``, ``num_parameters``.
+- ``metrics``: every scalar in ``trainer.callback_metrics`` (MIA figures included).
+- ``environment``: Python, torch, lightning, transformers versions, platform, CPU count, threads.
+
+This module does not import Lightning: it reads the trainer through duck typing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["REPORT_FILENAME", "build_report", "environment_info", "format_report", "write_report"]
+
+#: File name of the JSON report inside a run's log directory.
+REPORT_FILENAME = "report.json"
+
+_MEM_KEYS = ("exact_match", "token_match", "near_verbatim")
+
+
+def _scalar(value: Any) -> float | None:
+    """A float from a Python number or a one-element tensor; ``None`` otherwise."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    numel = getattr(value, "numel", None)
+    if callable(numel) and numel() == 1:
+        return float(value.detach().cpu().item()) if hasattr(value, "detach") else float(value.item())
+    return None
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and machine facts to store next to the numbers.
+
+    Example:
+        >>> info = environment_info()
+        >>> sorted(info)[:3]
+        ['cpu_count', 'lightning', 'machine']
+    """
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
+    for name in ("torch", "lightning", "transformers"):
+        module = sys.modules.get(name)
+        info[name] = getattr(module, "__version__", None) if module is not None else None
+    torch = sys.modules.get("torch")
+    info["torch_num_threads"] = torch.get_num_threads() if torch is not None else None
+    return info
+
+
+def _find_callback(trainer: Any, class_name: str) -> Any:
+    for cb in getattr(trainer, "callbacks", []) or []:
+        if any(c.__name__ == class_name for c in type(cb).__mro__):
+            return cb
+    return None
+
+
+def build_report(
+    trainer: Any,
+    *,
+    train_wall_time_s: float | None = None,
+    best_val_loss: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Collect the report of a finished run from its trainer.
+
+    Reads the ``GoldfishTokenDropout`` and ``MemorizationMonitor`` among ``trainer.callbacks``
+    (either may be absent) and the scalars in ``trainer.callback_metrics``.
+
+    Args:
+        trainer: a ``lightning.pytorch.Trainer`` after ``fit``.
+        train_wall_time_s: wall-clock seconds of ``fit``.
+        best_val_loss: lowest ``val_loss`` seen during the run (``None``: unknown).
+        extra: more keys to store (e.g. the config file).
+
+    Returns:
+        The report dict (see the module docstring for its keys).
+
+    Example:
+        >>> report = build_report(trainer, train_wall_time_s=12.3)  # doctest: +SKIP
+        >>> print(format_report(report))  # doctest: +SKIP
+    """
+    metrics: dict[str, float] = {}
+    for key, value in dict(getattr(trainer, "callback_metrics", {}) or {}).items():
+        scalar = _scalar(value)
+        if scalar is not None:
+            metrics[str(key)] = scalar
+
+    goldfish_cb = _find_callback(trainer, "GoldfishTokenDropout")
+    goldfish = None
+    if goldfish_cb is not None:
+        goldfish = {name: getattr(goldfish_cb, name, None) for name in ("k", "h", "seed")}
+
+    monitor = _find_callback(trainer, "MemorizationMonitor")
+    memorization: dict[str, float | None] = {key: None for key in _MEM_KEYS}
+    mem_after = None
+    probes: dict[str, Any] = {"num_probes": None, "prefix_length": None, "suffix_length": None}
+    if monitor is not None:
+        history = getattr(monitor, "history", None) or []
+        if history:
+            epoch, _, results = history[-1]
+            mem_after = int(epoch) + 1
+            memorization = {key: _scalar(results.get(key)) for key in _MEM_KEYS}
+        n = getattr(monitor, "probes", None)
+        probes = {
+            "num_probes": int(n.shape[0]) if n is not None and hasattr(n, "shape") else getattr(monitor, "num_probes", None),
+            "prefix_length": getattr(monitor, "prefix_length", None),
+            "suffix_length": getattr(monitor, "suffix_length", None),
+        }
+
+    module = getattr(trainer, "lightning_module", None)
+    num_parameters = sum(p.numel() for p in module.parameters()) if module is not None else None
+    val_loss = metrics.get("val_loss")
+    if best_val_loss is None:
+        best_val_loss = val_loss
+    report: dict[str, Any] = {
+        "goldfish": goldfish,
+        **memorization,
+        "memorization_after_epochs": mem_after,
+        "val_loss": val_loss,
+        "best_val_loss": best_val_loss,
+        "train_loss": metrics.get("train_loss_epoch", metrics.get("train_loss")),
+        **probes,
+        "train_wall_time_s": None if train_wall_time_s is None else round(float(train_wall_time_s), 2),
+        "global_step": int(getattr(trainer, "global_step", 0)),
+        "epochs": int(getattr(trainer, "current_epoch", 0)),
+        "num_parameters": num_parameters,
+        "metrics": dict(sorted(metrics.items())),
+        "environment": environment_info(),
+    }
+    if extra:
+        report.update(dict(extra))
+    return report
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_report(report: Mapping[str, Any]) -> str:
+    """Render a report as a two-column text table.
+
+    Args:
+        report: a dict from :func:`build_report` (or ``json.load`` of ``report.json``).
+
+    Returns:
+        The table, one row per line.
+
+    Example:
+        >>> print(format_report({"goldfish": None, "exact_match": 0.5, "val_loss": 2.0}))  # doctest: +NORMALIZE_WHITESPACE
+        +-----------------------------+--------+
+        | metric                      | value  |
+        +-----------------------------+--------+
+        | goldfish                    | off    |
+        | exact match                 | 0.5000 |
+        | token match                 | n/a    |
+        | near-verbatim (edit >= 0.9) | n/a    |
+        | held-out loss (val_loss)    | 2.0000 |
+        +-----------------------------+--------+
+    """
+    gf = report.get("goldfish")
+    goldfish = "off" if not gf else f"k={gf.get('k')}, h={gf.get('h')}, seed={gf.get('seed')}"
+    rows: list[tuple[str, str]] = [("goldfish", goldfish)]
+    n, p, s = report.get("num_probes"), report.get("prefix_length"), report.get("suffix_length")
+    if n is not None:
+        rows.append(("probes", f"{n} training sequences, {p}-token prefix -> {s}-token suffix"))
+    rows += [
+        ("exact match", _fmt(report.get("exact_match"))),
+        ("token match", _fmt(report.get("token_match"))),
+        ("near-verbatim (edit >= 0.9)", _fmt(report.get("near_verbatim"))),
+        ("held-out loss (val_loss)", _fmt(report.get("val_loss"))),
+    ]
+    optional = [
+        ("best held-out loss", "best_val_loss", 4),
+        ("train loss (last epoch, trained targets)", "train_loss", 4),
+        ("memorization measured after epoch", "memorization_after_epochs", 0),
+        ("train wall time (s)", "train_wall_time_s", 1),
+        ("steps / epochs", None, 0),
+        ("parameters", "num_parameters", 0),
+    ]
+    for label, key, digits in optional:
+        if key is None:
+            if report.get("global_step") is not None and report.get("epochs") is not None:
+                rows.append((label, f"{report['global_step']} / {report['epochs']}"))
+            continue
+        if report.get(key) is not None:
+            rows.append((label, _fmt(report[key], digits)))
+    after, epochs = report.get("memorization_after_epochs"), report.get("epochs")
+    if after is not None and epochs is not None and after != epochs:
+        rows.append(("WARNING", f"memorization is from epoch {after} of {epochs}, not the final model; "
+                                "make max_epochs a multiple of monitor.every_n_epochs"))
+    mia = {k: v for k, v in (report.get("metrics") or {}).items() if "/mia/" in k and k.endswith("/auc")}
+    for key, value in sorted(mia.items()):
+        rows.append((f"MIA {key.split('/mia/', 1)[1]}", _fmt(value)))
+    if report.get("report_path"):
+        rows.append(("report", str(report["report_path"])))
+    w1 = max(len("metric"), *(len(r[0]) for r in rows))
+    w2 = max(len("value"), *(len(r[1]) for r in rows))
+    line = f"+-{'-' * w1}-+-{'-' * w2}-+"
+    out = [line, f"| {'metric'.ljust(w1)} | {'value'.ljust(w2)} |", line]
+    out += [f"| {a.ljust(w1)} | {b.ljust(w2)} |" for a, b in rows]
+    out.append(line)
+    return "\n".join(out)
+
+
+def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
+    """Write a report as indented JSON (parent directories are created).
+
+    Args:
+        report: the report dict.
+        path: destination file.
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, json
+        >>> p = write_report({"exact_match": 1.0}, tempfile.mkdtemp() + "/report.json")
+        >>> json.loads(p.read_text())["exact_match"]
+        1.0
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(report), indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    return path
