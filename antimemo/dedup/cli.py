@@ -1,0 +1,217 @@
+"""``antimemo dedup PATH_OR_RECIPE --out INDEX``: build a duplicate index and print its summary.
+
+Sources:
+
+- ``file.txt``: one text per line (example ``i`` is line ``i + 1``; empty lines are examples);
+- ``file.jsonl``: one JSON object per line, the example in ``--field`` (``"text"`` by default, or
+  ``"input_ids"``; a list of integers is indexed as token ids);
+- ``recipe.yaml`` (or a recipe name ``NAME`` for ``recipes/NAME.yaml``): a LightningCLI config;
+  its ``data`` DataModule is built (``data: {class_path, init_args}``, or the init arguments of
+  the antimemo CLI's default ``antimemo.lm.TextDataModule`` directly under ``data:``),
+  ``setup("fit")`` is called, and its training dataset is indexed in order, so the index can be
+  passed to ``DedupSampling(index=INDEX)`` for that recipe.
+
+The module exposes ``add_arguments(parser)`` and ``run(args) -> int`` for the ``antimemo``
+console script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "load_source", "main", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``dedup`` verb's arguments to a parser.
+
+    Args:
+        parser: an ``argparse`` (sub)parser.
+
+    Returns:
+        The same parser.
+
+    Example:
+        >>> p = add_arguments(argparse.ArgumentParser(prog="antimemo dedup"))
+        >>> p.parse_args(["data.txt", "--out", "idx.npz"]).threshold is None
+        True
+    """
+    parser.description = "Find exact and near-duplicate examples and write a DuplicateIndex (.npz)."
+    parser.add_argument("source", metavar="PATH_OR_RECIPE",
+                        help="a .txt (one example per line) or .jsonl file, or a recipe .yaml / recipe name")
+    parser.add_argument("--out", required=True, metavar="INDEX", help="path of the index file to write (.npz)")
+    parser.add_argument("--field", default=None, help="JSON field of a .jsonl file (default: text, else input_ids)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="Jaccard threshold for text/tokens (default 0.8) or cosine threshold for images (0.95)")
+    parser.add_argument("--ngram", type=int, default=5, help="words or tokens per shingle (default 5)")
+    parser.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the MinHash permutations (default 0)")
+    parser.add_argument("--num-workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--chunk-size", type=int, default=2048, help="examples per chunk (default 2048)")
+    parser.add_argument("--top-k", type=int, default=5, help="largest clusters to print (default 5)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return parser
+
+
+def _recipe_path(source: str) -> Path | None:
+    p = Path(source)
+    if p.suffix.lower() in (".yaml", ".yml"):
+        return p
+    if not p.suffix and not p.exists():
+        for base in (Path.cwd() / "recipes", Path(__file__).resolve().parents[2] / "recipes"):
+            for ext in (".yaml", ".yml"):
+                if (base / f"{source}{ext}").is_file():
+                    return base / f"{source}{ext}"
+    return None
+
+
+def _recipe_dataset(path: Path) -> Any:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no recipe file at {str(path)!r}")
+    config = yaml.safe_load(path.read_text()) or {}
+    data = config.get("data") if isinstance(config, dict) else None
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"recipe {str(path)!r} has no 'data:' section (the LightningCLI DataModule); index a .txt or .jsonl "
+            "file instead"
+        )
+    if "class_path" in data:  # LightningCLI subclass mode: data: {class_path: ..., init_args: {...}}
+        module_name, _, cls_name = str(data["class_path"]).rpartition(".")
+        cls = getattr(importlib.import_module(module_name), cls_name)
+        init_args = data.get("init_args") or {}
+    else:  # the antimemo CLI's default DataModule, with its init arguments under data:
+        from antimemo.lm.data import TextDataModule as cls
+
+        init_args = data
+    dm = cls(**init_args)
+    dm.setup("fit")
+    dataset = getattr(dm, "train_dataset", None)
+    if dataset is None:
+        dataset = dm.train_dataloader().dataset
+    return dataset
+
+
+def load_source(source: str, field: str | None = None) -> tuple[str, Any]:
+    """Open a file or recipe as ``(kind, examples)`` for a duplicate index.
+
+    Args:
+        source: ``.txt`` / ``.jsonl`` path, recipe ``.yaml`` path, or recipe name.
+        field: JSON field for ``.jsonl``.
+
+    Returns:
+        ``("text" | "tokens" | "images", sequence of examples)``.
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "d.jsonl"; _ = p.write_text('{"input_ids": [1, 2]}\\n')
+        >>> load_source(str(p))[0]
+        'tokens'
+    """
+    from antimemo.dedup.datasets import LineFile, dataset_view
+
+    recipe = _recipe_path(source)
+    if recipe is not None:
+        return dataset_view(_recipe_dataset(recipe))
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no such file or recipe: {source!r}; give a .txt / .jsonl file, a recipe .yaml, or a recipe name"
+        )
+    if path.suffix.lower() not in (".txt", ".jsonl", ".ndjson", ".text", ""):
+        raise ValueError(f"unsupported file type {path.suffix!r} for {source!r}: use .txt (one example per line) or .jsonl")
+    f = LineFile(path, field=field)
+    return f.kind, f
+
+
+def _preview(value: Any, width: int = 70) -> str:
+    if isinstance(value, str):
+        text = " ".join(value.split())
+    elif hasattr(value, "shape") and getattr(value, "ndim", 1) > 1:
+        return f"<image {tuple(value.shape)}>"
+    else:
+        text = " ".join(str(int(v)) for v in list(value)[:20])
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build, save and summarise the index (the ``antimemo dedup`` verb).
+
+    Args:
+        args: parsed by a parser set up with :func:`add_arguments`.
+
+    Returns:
+        0 on success, 2 on a user error (message on stderr).
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = (d / "t.txt").write_text("a b\\nA  B\\nc\\n")
+        >>> p = add_arguments(argparse.ArgumentParser())
+        >>> run(p.parse_args([str(d / "t.txt"), "--out", str(d / "i.npz"), "--no-progress", "--json"]))  # doctest: +ELLIPSIS
+        {...}
+        0
+    """
+    from antimemo.dedup.index import DuplicateIndex
+
+    try:
+        kind, items = load_source(args.source, args.field)
+        progress = not args.no_progress
+        if kind == "images":
+            kwargs: dict[str, Any] = {"progress": progress}
+            if args.threshold is not None:
+                kwargs["threshold"] = args.threshold
+            index = DuplicateIndex.from_images(items, **kwargs)
+        else:
+            kwargs = {
+                "ngram": args.ngram,
+                "num_perm": args.num_perm,
+                "seed": args.seed,
+                "num_workers": args.num_workers,
+                "chunk_size": args.chunk_size,
+                "progress": progress,
+            }
+            if args.threshold is not None:
+                kwargs["threshold"] = args.threshold
+            build = DuplicateIndex.from_texts if kind == "text" else DuplicateIndex.from_token_ids
+            index = build(items, **kwargs)
+        out = index.save(args.out)
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as err:
+        print(f"antimemo dedup: error: {err}", file=sys.stderr)
+        return 2
+    summary = index.summary(args.top_k)
+    if args.json:
+        summary["index"] = str(out)
+        summary["source"] = args.source
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"source: {args.source}")
+    print(index.format_summary(args.top_k))
+    for c in summary["largest_clusters"]:
+        if c["size"] > 1:
+            print(f"  cluster {c['cluster']} example {c['first_examples'][0]}: {_preview(items[c['first_examples'][0]])}")
+    print(f"index written to {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m antimemo.dedup.cli PATH --out INDEX``.
+
+    Args:
+        argv: arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code.
+    """
+    parser = add_arguments(argparse.ArgumentParser(prog="antimemo dedup"))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,753 @@
+"""``DuplicateIndex``: duplicate clusters of a dataset, built from texts, token ids or images.
+
+Text and token ids (:meth:`DuplicateIndex.from_texts`, :meth:`DuplicateIndex.from_token_ids`):
+
+1. one streaming pass over the data in chunks (optionally in ``num_workers`` processes): per
+   example a content hash (BLAKE2b-64 of the raw bytes, for the fingerprint), a 128-bit
+   exact-duplicate key (two polynomial folds of the normalised words' or tokens' hashes) and the
+   LSH band keys of its MinHash signature
+   (:mod:`antimemo.dedup.minhash`); the arrays kept per example take ``8 * bands + 48`` bytes
+   (176 with the defaults), the signatures themselves are dropped after each chunk;
+2. exact duplicates are grouped; one representative per group enters LSH;
+3. representatives sharing a band key are candidates; a second pass computes the shingle sets of
+   the candidates only (memory proportional to their shingles), and a candidate pair is merged
+   when its exact Jaccard similarity (on 64-bit shingle hashes) is at least ``threshold``; pairs
+   already connected are not compared again;
+4. clusters are the connected components (union-find) of exact groups and verified pairs.
+
+Images (:meth:`DuplicateIndex.from_images`): cosine similarity of embeddings through FAISS, see
+:mod:`antimemo.dedup.images`.
+
+The result is deterministic given the data and the parameters (``seed`` fixes the permutations);
+``num_workers`` changes only the speed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from antimemo.dedup.minhash import ShingleConfig, shingle_sets_chunk, sketch_chunk
+from antimemo.dedup.normalize import content_hash, fingerprint, token_array
+
+__all__ = ["DuplicateIndex", "dataset_content_hashes"]
+
+FORMAT = "antimemo.dedup.DuplicateIndex/1"
+KINDS = ("text", "tokens", "images", "custom")
+
+
+def _check_int(name: str, value: Any, minimum: int, hint: str) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
+
+
+def _check_sequence(items: Any, name: str) -> int:
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__len__") or not hasattr(items, "__getitem__"):
+        raise TypeError(
+            f"{name} must be a sequence with len() and indexing (list, tuple, array, dataset column), "
+            f"got {type(items).__name__}; wrap an iterator with list(...)"
+        )
+    n = len(items)
+    if n == 0:
+        raise ValueError(f"{name} is empty: a duplicate index needs at least one example")
+    return n
+
+
+def _take(items: Any, start: int, end: int) -> list:
+    if isinstance(items, (list, tuple)):
+        return list(items[start:end])
+    if hasattr(items, "detach") and getattr(items, "ndim", 0) == 2:  # a 2-D tensor of token rows
+        return list(items[start:end].detach().cpu().numpy())
+    if isinstance(items, np.ndarray) and items.ndim == 2:
+        return list(items[start:end])
+    return [items[i] for i in range(start, end)]
+
+
+def _take_indices(items: Any, idx: np.ndarray) -> list:
+    return [items[int(i)] for i in idx]
+
+
+def _map_chunks(
+    fn: Callable[..., Any],
+    jobs: Iterator[tuple],
+    pool: ProcessPoolExecutor | None,
+    num_workers: int,
+) -> Iterator[Any]:
+    """Run ``fn(*job)`` for each job, in order; at most ``2 * num_workers`` jobs in flight."""
+    if pool is None:
+        for job in jobs:
+            yield fn(*job)
+        return
+    pending: deque = deque()
+    for job in jobs:
+        pending.append(pool.submit(fn, *job))
+        if len(pending) >= 2 * num_workers:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _jaccard(x: np.ndarray, y: np.ndarray) -> float:
+    inter = np.intersect1d(x, y, assume_unique=True).shape[0]
+    union = x.shape[0] + y.shape[0] - inter
+    return inter / union if union else 1.0
+
+
+def dataset_content_hashes(kind: str, items: Any, progress: bool = False) -> np.ndarray:
+    """Per-example content hashes of a dataset, as :class:`DuplicateIndex` computes them.
+
+    Args:
+        kind: ``"text"`` (UTF-8 of the raw text), ``"tokens"`` (``int64`` little-endian bytes) or
+            ``"images"`` (shape and ``float32`` pixels).
+        items: a sequence of texts, token sequences or ``[C, H, W]`` float tensors.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        ``uint64 [N]``; their :func:`~antimemo.dedup.normalize.fingerprint` identifies the dataset.
+
+    Example:
+        >>> dataset_content_hashes("text", ["a", "a"]).tolist()[0] == content_hash(b"a")
+        True
+    """
+    from tqdm.auto import tqdm
+
+    n = len(items)
+    out = np.empty(n, dtype=np.uint64)
+    if kind == "images":
+        from antimemo.dedup.images import image_content_hash
+
+        fn: Callable[[Any, int], int] = lambda x, i: image_content_hash(x)  # noqa: E731
+    elif kind == "text":
+
+        def fn(x: Any, i: int) -> int:
+            if not isinstance(x, str):
+                raise TypeError(f"item {i} must be a str for a text index, got {type(x).__name__}")
+            return content_hash(x.encode("utf-8", "surrogatepass"))
+
+    elif kind == "tokens":
+        fn = lambda x, i: content_hash(token_array(x, f"item {i}").astype("<i8", copy=False).tobytes())  # noqa: E731
+    else:
+        raise ValueError(f"kind must be 'text', 'tokens' or 'images', got {kind!r}")
+    for i in tqdm(range(n), desc="dedup: hashing dataset", unit="ex", disable=not progress):
+        out[i] = fn(items[i], i)
+    return out
+
+
+class DuplicateIndex:
+    """Duplicate clusters of a dataset: ``cluster_ids[i] == cluster_ids[j]`` means ``i``, ``j`` are duplicates.
+
+    Build it with :meth:`from_texts`, :meth:`from_token_ids` or :meth:`from_images`, or wrap
+    cluster ids computed elsewhere with the constructor. Cluster ids are canonical: ``0, 1, ...``
+    in the order of each cluster's first example, so cluster 0 holds example 0.
+
+    Args:
+        cluster_ids: one integer label per example (relabelled canonically).
+        content_hashes: optional ``uint64`` content hash per example; gives the index a
+            :attr:`fingerprint` so that it can be checked against a dataset.
+        kind: ``"text"``, ``"tokens"``, ``"images"`` or ``"custom"``.
+        params: the build parameters (stored in the saved file).
+
+    Example:
+        >>> idx = DuplicateIndex.from_texts(["a b c", "A  b C", "x y z"], progress=False)
+        >>> idx.cluster_ids.tolist(), idx.cluster_sizes.tolist()
+        ([0, 0, 1], [2, 1])
+        >>> round(idx.duplicate_fraction, 3)
+        0.333
+    """
+
+    def __init__(
+        self,
+        cluster_ids: Any,
+        content_hashes: Any = None,
+        kind: str = "custom",
+        params: dict | None = None,
+    ) -> None:
+        labels = np.asarray(cluster_ids)
+        if labels.ndim != 1 or labels.shape[0] == 0 or labels.dtype.kind not in "iu":
+            raise ValueError(
+                "cluster_ids must be a non-empty 1-D integer array (one cluster label per example), "
+                f"got shape {labels.shape} and dtype {labels.dtype}"
+            )
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        from antimemo.dedup.clusters import canonical_cluster_ids
+
+        self._cluster_ids = canonical_cluster_ids(labels)
+        self._cluster_ids.setflags(write=False)
+        self._sizes = np.bincount(self._cluster_ids).astype(np.int64)
+        self._sizes.setflags(write=False)
+        if content_hashes is not None:
+            ch = np.asarray(content_hashes, dtype=np.uint64)
+            if ch.shape != labels.shape:
+                raise ValueError(
+                    f"content_hashes must have one entry per example ({labels.shape[0]}), got shape {ch.shape}"
+                )
+            ch = ch.copy()
+            ch.setflags(write=False)
+            self._content = ch
+            self._fingerprint: str | None = fingerprint(ch)
+        else:
+            self._content = None
+            self._fingerprint = None
+        self.kind = kind
+        self.params = dict(params or {})
+
+    # ------------------------------------------------------------------ attributes
+    @property
+    def cluster_ids(self) -> np.ndarray:
+        """``int64 [N]`` canonical cluster id per example (read-only)."""
+        return self._cluster_ids
+
+    @property
+    def cluster_sizes(self) -> np.ndarray:
+        """``int64 [num_clusters]``: ``cluster_sizes[c]`` is the number of examples in cluster ``c``."""
+        return self._sizes
+
+    @property
+    def content_hashes(self) -> np.ndarray | None:
+        """``uint64 [N]`` content hash per example, or ``None`` for an index without fingerprint."""
+        return self._content
+
+    @property
+    def fingerprint(self) -> str | None:
+        """Hex fingerprint of the dataset the index was built from (``None`` if unknown)."""
+        return self._fingerprint
+
+    @property
+    def num_examples(self) -> int:
+        """Number of examples ``N``."""
+        return int(self._cluster_ids.shape[0])
+
+    @property
+    def num_clusters(self) -> int:
+        """Number of clusters (examples left after keeping one per cluster)."""
+        return int(self._sizes.shape[0])
+
+    @property
+    def duplicate_fraction(self) -> float:
+        """``(N - num_clusters) / N``: the fraction of examples that are extra copies."""
+        return (self.num_examples - self.num_clusters) / self.num_examples
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __repr__(self) -> str:
+        return (
+            f"DuplicateIndex(kind={self.kind!r}, examples={self.num_examples}, clusters={self.num_clusters}, "
+            f"duplicate_fraction={self.duplicate_fraction:.4f})"
+        )
+
+    def example_weights(self) -> np.ndarray:
+        """``1 / cluster_size`` per example: each cluster's weights sum to one.
+
+        Returns:
+            ``float64 [N]``.
+
+        Example:
+            >>> DuplicateIndex([0, 0, 1]).example_weights().tolist()
+            [0.5, 0.5, 1.0]
+        """
+        return 1.0 / self._sizes[self._cluster_ids]
+
+    def members(self, cluster: int) -> np.ndarray:
+        """Indices of the examples of one cluster, ascending.
+
+        Args:
+            cluster: a cluster id.
+
+        Returns:
+            ``int64`` array.
+
+        Example:
+            >>> DuplicateIndex([5, 7, 5]).members(0).tolist()
+            [0, 2]
+        """
+        return np.flatnonzero(self._cluster_ids == cluster)
+
+    def summary(self, top_k: int = 5) -> dict:
+        """Summary statistics.
+
+        Args:
+            top_k: number of largest clusters to list.
+
+        Returns:
+            ``{"kind", "examples", "clusters", "duplicate_fraction", "examples_in_duplicate_clusters",
+            "largest_clusters": [{"cluster", "size", "first_examples"}], "fingerprint"}``; the
+            largest clusters are sorted by size, then by cluster id.
+
+        Example:
+            >>> DuplicateIndex([0, 1, 0, 0]).summary(top_k=1)["largest_clusters"]
+            [{'cluster': 0, 'size': 3, 'first_examples': [0, 2, 3]}]
+        """
+        order = np.lexsort((np.arange(self.num_clusters), -self._sizes))[:top_k]
+        largest = []
+        for c in order.tolist():
+            if self._sizes[c] < 2 and largest:
+                break
+            largest.append(
+                {"cluster": int(c), "size": int(self._sizes[c]), "first_examples": self.members(c)[:5].tolist()}
+            )
+        return {
+            "kind": self.kind,
+            "examples": self.num_examples,
+            "clusters": self.num_clusters,
+            "duplicate_fraction": self.duplicate_fraction,
+            "examples_in_duplicate_clusters": int(self._sizes[self._sizes > 1].sum()),
+            "largest_clusters": largest,
+            "fingerprint": self._fingerprint,
+        }
+
+    def format_summary(self, top_k: int = 5) -> str:
+        """The :meth:`summary` as text lines (what ``antimemo dedup`` prints).
+
+        Args:
+            top_k: number of largest clusters to list.
+
+        Returns:
+            A multi-line string.
+
+        Example:
+            >>> print(DuplicateIndex([0, 0, 1]).format_summary().splitlines()[1])
+            examples: 3
+        """
+        s = self.summary(top_k)
+        lines = [
+            f"kind: {s['kind']}",
+            f"examples: {s['examples']}",
+            f"clusters: {s['clusters']}",
+            f"duplicate fraction: {s['duplicate_fraction']:.4f} "
+            f"({s['examples'] - s['clusters']} extra copies; {s['examples_in_duplicate_clusters']} examples "
+            "in clusters of size >= 2)",
+            "largest clusters:",
+        ]
+        for c in s["largest_clusters"]:
+            lines.append(f"  cluster {c['cluster']}: size {c['size']}, examples {c['first_examples']}")
+        lines.append(f"fingerprint: {s['fingerprint']}")
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ dataset check
+    def check_matches(self, content_hashes: Any, what: str = "the dataset") -> None:
+        """Raise a ValueError if the index was not built from a dataset with these content hashes.
+
+        Args:
+            content_hashes: ``uint64 [M]`` from :func:`dataset_content_hashes` (or ``None`` to
+                check nothing but the presence of a fingerprint).
+            what: how the dataset is named in the error.
+
+        Raises:
+            ValueError: on a length mismatch or a fingerprint mismatch (naming the first differing
+                example).
+
+        Example:
+            >>> idx = DuplicateIndex.from_texts(["a", "b"], progress=False)
+            >>> idx.check_matches(dataset_content_hashes("text", ["a", "b"]))
+        """
+        ch = np.asarray(content_hashes, dtype=np.uint64)
+        if ch.shape[0] != self.num_examples:
+            raise ValueError(
+                f"the DuplicateIndex has {self.num_examples} examples but {what} has {ch.shape[0]}: the index "
+                "was built from other data; rebuild it from this dataset (or pass index=None to DedupSampling "
+                "to build it at fit start)"
+            )
+        if self._content is None:
+            raise ValueError(
+                "this DuplicateIndex has no content hashes, so its fingerprint cannot be checked; build it with "
+                "DuplicateIndex.from_texts/from_token_ids/from_images, or skip the check (DedupSampling("
+                "check_fingerprint=False) checks only the length)"
+            )
+        if fingerprint(ch) != self._fingerprint:
+            first = int(np.flatnonzero(ch != self._content)[0])
+            raise ValueError(
+                f"the DuplicateIndex (kind={self.kind!r}, fingerprint {self._fingerprint}) does not match {what} "
+                f"(fingerprint {fingerprint(ch)}): example {first} differs (same length {self.num_examples}); "
+                "rebuild the index from this dataset in this order"
+            )
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to ``path`` as an uncompressed ``.npz`` (no pickle; metadata as JSON).
+
+        Args:
+            path: file path (parent directories are created; no suffix is added).
+
+        Returns:
+            The path written.
+
+        Example:
+            >>> import tempfile, os
+            >>> p = DuplicateIndex([0, 0, 1]).save(os.path.join(tempfile.mkdtemp(), "idx.npz"))
+            >>> DuplicateIndex.load(p).cluster_sizes.tolist()
+            [2, 1]
+        """
+        from antimemo import __version__
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "kind": self.kind,
+            "num_examples": self.num_examples,
+            "fingerprint": self._fingerprint,
+            "params": self.params,
+            "antimemo_version": __version__,
+        }
+        arrays: dict[str, np.ndarray] = {
+            "cluster_ids": np.asarray(self._cluster_ids, dtype="<i8"),
+            "metadata": np.array(json.dumps(meta, sort_keys=True)),
+        }
+        if self._content is not None:
+            arrays["content_hashes"] = np.asarray(self._content, dtype="<u8")
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> DuplicateIndex:
+        """Read an index written by :meth:`save` (``np.load(allow_pickle=False)``).
+
+        Args:
+            path: the file.
+
+        Returns:
+            The index.
+
+        Raises:
+            ValueError: if the file holds pickled objects, is not an antimemo index, or its stored
+                fingerprint does not match its content hashes (a corrupted or edited file).
+
+        Example:
+            >>> import tempfile, os
+            >>> p = DuplicateIndex([3, 3]).save(os.path.join(tempfile.mkdtemp(), "i.npz"))
+            >>> len(DuplicateIndex.load(p))
+            2
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no DuplicateIndex file at {str(path)!r}; write one with index.save(path)")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                files = set(z.files)
+                if not {"cluster_ids", "metadata"} <= files:
+                    raise ValueError(
+                        f"{str(path)!r} is not an antimemo DuplicateIndex file (arrays {sorted(files)}; expected "
+                        "'cluster_ids' and 'metadata')"
+                    )
+                cluster_ids = z["cluster_ids"]
+                meta = json.loads(str(z["metadata"][()]))
+                content = z["content_hashes"] if "content_hashes" in files else None
+        except ValueError as err:
+            if "allow_pickle" in str(err):
+                raise ValueError(
+                    f"{str(path)!r} contains pickled Python objects; DuplicateIndex.load never unpickles "
+                    "(np.load(allow_pickle=False)). Recreate the index with DuplicateIndex.save"
+                ) from err
+            raise
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        idx = cls(cluster_ids, content, kind=meta["kind"], params=meta.get("params"))
+        if idx.fingerprint != meta.get("fingerprint") or idx.num_examples != meta.get("num_examples"):
+            raise ValueError(
+                f"{str(path)!r} is corrupted: its metadata says {meta.get('num_examples')} examples with fingerprint "
+                f"{meta.get('fingerprint')} but the arrays give {idx.num_examples} and {idx.fingerprint}"
+            )
+        return idx
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_texts(
+        cls,
+        texts: Sequence[str],
+        *,
+        ngram: int = 5,
+        num_perm: int = 128,
+        threshold: float = 0.8,
+        lsh_weights: tuple[float, float] = (0.05, 0.95),
+        seed: int = 0,
+        chunk_size: int = 2048,
+        num_workers: int = 1,
+        progress: bool = True,
+    ) -> DuplicateIndex:
+        """Index a list of texts: exact duplicates after normalisation plus MinHash-LSH near duplicates.
+
+        Args:
+            texts: a sequence of ``str`` (``len`` and indexing; read twice: once in chunks, once
+                for the LSH candidates).
+            ngram: words per shingle (5 as in Lee et al. 2022).
+            num_perm: MinHash permutations.
+            threshold: Jaccard similarity of shingle sets at or above which two texts are near
+                duplicates.
+            lsh_weights: ``(false_positive, false_negative)`` weights for choosing bands and rows
+                (:func:`antimemo.dedup.lsh.optimal_params`).
+            seed: seed of the MinHash permutations.
+            chunk_size: texts per chunk (bounds the memory of one step).
+            num_workers: processes (spawned) for the chunked passes; the result does not depend on it.
+            progress: show tqdm progress bars.
+
+        Returns:
+            The index (``kind="text"``).
+
+        Example:
+            >>> base = " ".join(f"w{i}" for i in range(100))
+            >>> near = base.replace("w50", "v50")  # 5 of 96 shingles change: J = 91 / 101 = 0.90
+            >>> far = " ".join(f"w{i}" for i in range(0, 200, 2))
+            >>> DuplicateIndex.from_texts([base, far, near.upper()], progress=False).cluster_ids.tolist()
+            [0, 1, 0]
+        """
+        return cls._build_sketched("text", texts, "texts", ngram, num_perm, threshold, lsh_weights, seed,
+                                   chunk_size, num_workers, progress)
+
+    @classmethod
+    def from_token_ids(
+        cls,
+        seqs: Sequence[Any],
+        *,
+        ngram: int = 5,
+        num_perm: int = 128,
+        threshold: float = 0.8,
+        lsh_weights: tuple[float, float] = (0.05, 0.95),
+        seed: int = 0,
+        chunk_size: int = 2048,
+        num_workers: int = 1,
+        progress: bool = True,
+    ) -> DuplicateIndex:
+        """Index already tokenized sequences: exact duplicates plus MinHash-LSH on token n-grams.
+
+        Args:
+            seqs: a sequence of 1-D integer sequences (lists, arrays, LongTensors, or the rows of
+                a 2-D tensor).
+            ngram: tokens per shingle.
+            num_perm: MinHash permutations.
+            threshold: Jaccard threshold of shingle sets.
+            lsh_weights: ``(false_positive, false_negative)`` weights for bands and rows.
+            seed: seed of the MinHash permutations.
+            chunk_size: sequences per chunk.
+            num_workers: processes for the chunked passes; the result does not depend on it.
+            progress: show tqdm progress bars.
+
+        Returns:
+            The index (``kind="tokens"``).
+
+        Example:
+            >>> idx = DuplicateIndex.from_token_ids([[1, 2, 3], [1, 2, 3], [4, 5, 6]], progress=False)
+            >>> idx.cluster_ids.tolist()
+            [0, 0, 1]
+        """
+        return cls._build_sketched("tokens", seqs, "seqs", ngram, num_perm, threshold, lsh_weights, seed,
+                                   chunk_size, num_workers, progress)
+
+    @classmethod
+    def _build_sketched(
+        cls,
+        kind: str,
+        items: Any,
+        name: str,
+        ngram: int,
+        num_perm: int,
+        threshold: float,
+        lsh_weights: tuple[float, float],
+        seed: int,
+        chunk_size: int,
+        num_workers: int,
+        progress: bool,
+    ) -> DuplicateIndex:
+        _check_int("ngram", ngram, 1, "e.g. ngram=5 (5-word shingles)")
+        _check_int("num_perm", num_perm, 1, "e.g. num_perm=128")
+        _check_int("seed", seed, 0, "e.g. seed=0")
+        _check_int("chunk_size", chunk_size, 1, "e.g. chunk_size=2048")
+        _check_int("num_workers", num_workers, 1, "1 runs in this process; e.g. num_workers=os.cpu_count()")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be a Jaccard similarity in (0, 1), got {threshold!r}; e.g. threshold=0.8")
+        n = _check_sequence(items, name)
+        from antimemo.dedup.lsh import optimal_params  # scipy: imported only when building
+
+        bands, rows = optimal_params(float(threshold), int(num_perm), tuple(float(w) for w in lsh_weights))
+        cfg = ShingleConfig(ngram=int(ngram), num_perm=int(num_perm), seed=int(seed), bands=bands, rows=rows)
+
+        # worker processes are spawned (not forked: safe next to torch's threads); they import only
+        # antimemo.dedup.minhash (numpy), plus whatever the main script imports at its top level
+        pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn")) if num_workers > 1 else None
+        try:
+            return cls._build_in(kind, items, n, cfg, threshold, lsh_weights, chunk_size, num_workers, progress, pool)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+
+    @classmethod
+    def _build_in(
+        cls,
+        kind: str,
+        items: Any,
+        n: int,
+        cfg: ShingleConfig,
+        threshold: float,
+        lsh_weights: tuple[float, float],
+        chunk_size: int,
+        num_workers: int,
+        progress: bool,
+        pool: ProcessPoolExecutor | None,
+    ) -> DuplicateIndex:
+        from tqdm.auto import tqdm
+
+        from antimemo.dedup.clusters import UnionFind
+        from antimemo.dedup.lsh import lsh_buckets
+
+        bands = cfg.bands
+        content = np.empty(n, dtype=np.uint64)
+        exact = np.empty((n, 2), dtype=np.uint64)
+        num_shingles = np.empty(n, dtype=np.int64)
+        keys = np.empty((n, bands), dtype=np.uint64)
+        bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+        jobs = ((kind, _take(items, s, e), s, cfg) for s, e in bounds)
+        with tqdm(total=n, desc=f"dedup: minhash ({kind})", unit="ex", disable=not progress) as bar:
+            for (s, e), res in zip(bounds, _map_chunks(sketch_chunk, jobs, pool, num_workers)):
+                content[s:e] = res["content"]
+                exact[s:e] = res["exact"]
+                num_shingles[s:e] = res["num_shingles"]
+                keys[s:e] = res["bands"]
+                bar.update(e - s)
+
+        # exact duplicates: root = first example with the same 128-bit key
+        order = np.lexsort((exact[:, 1], exact[:, 0]))  # stable: ties keep ascending indices
+        sk = exact[order]
+        new_group = np.ones(n, dtype=bool)
+        new_group[1:] = (sk[1:] != sk[:-1]).any(axis=1)
+        group_first = order[new_group]
+        exact_root = np.empty(n, dtype=np.int64)
+        exact_root[order] = group_first[np.cumsum(new_group) - 1]
+        num_groups = int(new_group.sum())
+        reps = np.flatnonzero((exact_root == np.arange(n)) & (num_shingles > 0))
+        buckets = lsh_buckets(keys[reps], reps)
+        del keys
+
+        # verify candidates with the exact Jaccard similarity of their shingle sets
+        needed = np.unique(np.concatenate(buckets)) if buckets else np.zeros(0, dtype=np.int64)
+        sets: dict[int, np.ndarray] = {}
+        nb = [(s, min(needed.shape[0], s + chunk_size)) for s in range(0, needed.shape[0], chunk_size)]
+        jobs2 = ((kind, _take_indices(items, needed[s:e]), 0, cfg.ngram) for s, e in nb)
+        with tqdm(total=needed.shape[0], desc="dedup: verifying candidates", unit="ex",
+                  disable=not progress or not nb) as bar:
+            for (s, e), res in zip(nb, _map_chunks(shingle_sets_chunk, jobs2, pool, num_workers)):
+                for i, arr in zip(needed[s:e].tolist(), res):
+                    sets[i] = arr
+                bar.update(e - s)
+        uf = UnionFind()
+        verified = merged = 0
+        for bucket in buckets:
+            members = bucket.tolist()
+            roots = [uf.find(m) for m in members]
+            if all(r == roots[0] for r in roots):
+                continue
+            for x, u in enumerate(members):
+                su = sets[u]
+                for v in members[x + 1 :]:
+                    if uf.find(u) == uf.find(v):
+                        continue
+                    sv = sets[v]
+                    small, large = sorted((su.shape[0], sv.shape[0]))
+                    if small < threshold * large:  # J <= |small| / |large| < threshold
+                        continue
+                    verified += 1
+                    if _jaccard(su, sv) >= threshold:
+                        uf.union(u, v)
+                        merged += 1
+                if len({uf.find(m) for m in members}) == 1:  # one component: nothing left to compare
+                    break
+        root = np.arange(n, dtype=np.int64)
+        if needed.shape[0]:
+            root[needed] = [uf.find(i) for i in needed.tolist()]
+        labels = root[exact_root]
+        params = {
+            "ngram": cfg.ngram,
+            "num_perm": cfg.num_perm,
+            "threshold": float(threshold),
+            "lsh_weights": [float(w) for w in lsh_weights],
+            "bands": cfg.bands,
+            "rows": cfg.rows,
+            "seed": cfg.seed,
+            "scheme": "affine32",
+            "normalization": "NFKC+casefold+whitespace" if kind == "text" else "none",
+            "stats": {
+                "exact_duplicate_examples": int(n - num_groups),
+                "empty_examples": int((num_shingles == 0).sum()),
+                "lsh_buckets": len(buckets),
+                "candidate_examples": int(needed.shape[0]),
+                "pairs_verified": verified,
+                "pairs_merged": merged,
+            },
+        }
+        return cls(labels, content, kind=kind, params=params)
+
+    @classmethod
+    def from_images(
+        cls,
+        images: Any,
+        embedder: Any = None,
+        *,
+        threshold: float = 0.95,
+        batch_size: int = 256,
+        device: Any = "cpu",
+        num_workers: int | None = None,
+        progress: bool = True,
+    ) -> DuplicateIndex:
+        """Index images: cosine similarity of embeddings above ``threshold``, exact FAISS search.
+
+        Args:
+            images: float tensor ``[N, C, H, W]`` or a sequence of ``[C, H, W]`` float tensors.
+            embedder: an ``nn.Module`` (``[B, C, H, W] -> [B, D]``); ``None`` uses the weights-free
+                :class:`~antimemo.dedup.images.PixelEmbedder` (16 x 16 pooled, centred, unit norm).
+            threshold: cosine similarity above which two images are near duplicates. 0.95 with the
+                default embedder merges copies that differ by noise of about 5% of the pixel
+                contrast, brightness offsets or small resizes; lower it for a semantic embedder.
+            batch_size: images per forward pass.
+            device: device of the embedder.
+            num_workers: FAISS threads (``None``: FAISS's default, all cores).
+            progress: show a tqdm progress bar.
+
+        Returns:
+            The index (``kind="images"``); byte-identical images always share a cluster.
+
+        Raises:
+            ImportError: if ``faiss`` is not installed (``pip install faiss-cpu``).
+
+        Example:
+            >>> import torch
+            >>> x = torch.rand(3, 3, 16, 16)
+            >>> x[2] = x[0] + 0.01 * torch.randn(3, 16, 16)
+            >>> DuplicateIndex.from_images(x, progress=False).cluster_ids.tolist()
+            [0, 1, 0]
+        """
+        from antimemo.dedup.images import embed_images, import_faiss, similar_pairs
+
+        import_faiss()  # fail before embedding if FAISS is missing
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 < threshold < 1.0:
+            raise ValueError(f"threshold must be a cosine similarity in (-1, 1), got {threshold!r}; e.g. threshold=0.95")
+        _check_int("batch_size", batch_size, 1, "e.g. batch_size=256")
+        if num_workers is not None:
+            _check_int("num_workers", num_workers, 1, "or None for FAISS's default thread count")
+        emb, hashes = embed_images(images, embedder, batch_size=batch_size, device=device, progress=progress)
+        pairs = similar_pairs(emb, float(threshold), num_threads=num_workers)
+        # byte-identical images (e.g. constant images, whose centred embedding is zero) share a cluster
+        order = np.argsort(hashes, kind="stable")
+        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+        exact_pairs = np.stack([order[same], order[same + 1]], axis=1)
+        n = emb.shape[0]
+        from antimemo.dedup.clusters import connected_components
+
+        labels = connected_components(n, np.concatenate([pairs, exact_pairs]))
+        name = "PixelEmbedder(size=16)" if embedder is None else type(embedder).__name__
+        params = {
+            "threshold": float(threshold),
+            "metric": "cosine",
+            "embedder": name,
+            "embedding_dim": int(emb.shape[1]),
+            "stats": {"similar_pairs": int(pairs.shape[0]), "exact_duplicate_pairs": int(exact_pairs.shape[0])},
+        }
+        return cls(labels, hashes, kind="images", params=params)
