@@ -47,7 +47,7 @@ def test_unknown_attribute_raises():
 def _readme_commands():
     text = (ROOT / "README.md").read_text()
     quick = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.+?)\n```", quick, flags=re.S)
+    return [c.strip() for c in re.findall(r"```bash\n(.+?)\n\s*```", quick, flags=re.S)]
 
 
 def test_readme_quickstart_has_exactly_two_commands():
