@@ -31,6 +31,7 @@ _LAZY = {
     "SpectralNormPenalty": "antimemo.callbacks.spectral_norm",
     "ExampleTiedDropout": "antimemo.callbacks.example_tied_dropout",
     "WithExampleIds": "antimemo.callbacks.example_tied_dropout",
+    "DifferentialPrivacy": "antimemo.callbacks.dp",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,6 +1,7 @@
 """Lightning callbacks: add them to ``Trainer(callbacks=[...])``."""
 
 from antimemo.callbacks.dedup import DedupSampling
+from antimemo.callbacks.dp import DifferentialPrivacy
 from antimemo.callbacks.goldfish import GOLDFISH_PRETRAINING_PRESET, GoldfishTokenDropout
 from antimemo.callbacks.monitor import MemorizationMonitor
 from antimemo.callbacks.regularizers import (
@@ -15,6 +16,7 @@ from antimemo.callbacks.regularizers import (
 __all__ = [
     "GOLDFISH_PRETRAINING_PRESET",
     "DedupSampling",
+    "DifferentialPrivacy",
     "ExampleTiedDropout",
     "GoldfishTokenDropout",
     "LossFloor",

@@ -1,0 +1,905 @@
+"""Fail-closed DP-SGD (Opacus) as one Lightning callback: ``Trainer(callbacks=[DifferentialPrivacy(...)])``.
+
+What the callback changes, and when (Lightning 2.6 hook order):
+
+- ``setup("fit")``: checks the trainer configuration (no gradient accumulation, no
+  ``gradient_clip_val``, no fp16, single device or DDP), validates the model with Opacus'
+  ``ModuleValidator`` (``fix=True`` replaces e.g. BatchNorm by GroupNorm, in place, before
+  ``configure_optimizers`` runs) and wraps the trainer's train-dataloader source so that the
+  loader Lightning builds samples batches with :class:`~antimemo.dp.sampler.PoissonBatchSampler`.
+- the train loader (when Lightning requests it): same dataset, collate function and workers,
+  but Poisson sampling at ``q = batch_size * world_size / len(dataset)``, ``int(1/q)`` batches
+  per epoch.
+- ``on_train_start``: attaches Opacus' per-sample-gradient hooks to the LightningModule's
+  submodules (no wrapper: the module Lightning runs is the module with the hooks), replaces the
+  strategy's optimizer by Opacus' ``DPOptimizer`` (``DistributedDPOptimizer`` under DDP: noise
+  added once, on rank 0, to the all-reduced clipped sum), installs the per-sequence loss and
+  the GPT-2 fixes on Hugging Face causal LMs, and checks that the train loader is the Poisson
+  loader.
+- every step: before the optimizer step, every trainable parameter must have a per-sample
+  gradient (ghost mode: a per-sample norm) for exactly the batch's samples, the optimizer must
+  be the DP optimizer and (with ``target_epsilon``) the step must fit the budget; after the
+  step, the accountant must have recorded exactly one step. At the first step the per-sample
+  gradients must also add up to the ordinary batch gradient. Any failure raises: training never
+  continues without privacy while an epsilon is reported.
+- ``on_train_epoch_end`` logs ``dp/epsilon``; ``on_train_end`` stores the final value in
+  ``trainer.callback_metrics`` and :attr:`DifferentialPrivacy.epsilon`.
+- ``state_dict`` holds the accountant history, so a resumed run continues the privacy spend.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+
+from antimemo.dp.accounting import ACCOUNTANTS, compute_epsilon, noise_multiplier_for, steps_within_budget
+from antimemo.dp.hf import PerSequenceLoss, find_causal_lms, install_batched_position_ids, register_grad_samplers
+from antimemo.dp.sampler import EmptySafeCollate, PoissonBatchSampler, mix_seed
+
+__all__ = ["DifferentialPrivacy"]
+
+_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+_NOISE_STREAM = 0x6E6F697365  # "noise": tag of the noise generator's seed stream
+_SUPPORTED_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16-true")
+
+
+def _import_opacus() -> Any:
+    try:
+        import opacus
+    except ImportError as err:  # pragma: no cover - opacus is installed in the test environment
+        raise ImportError(
+            "DifferentialPrivacy needs Opacus, which is not installed; install it with pip install 'antimemo[dp]'"
+        ) from err
+    return opacus
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else None
+    if isinstance(batch, Mapping):
+        items = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = list(batch)
+    else:
+        return None
+    for item in items:
+        size = _batch_size(item)
+        if size is not None:
+            return size
+    return None
+
+
+class DifferentialPrivacy(pl.Callback):
+    """Train with DP-SGD (Opacus): per-sample clipping, Gaussian noise, Poisson sampling, accounting.
+
+    Add it to the trainer and train as usual; the callback makes the training differentially
+    private and refuses to run when it cannot (see the module docstring for what it changes and
+    verifies). The privacy unit is one training example: one row of the dataset, i.e. one
+    sequence for causal LMs. The guarantee is (epsilon, delta)-DP under add/remove-one adjacency
+    for the *final and every intermediate* model, given that the noise and sampling randomness
+    stays secret (``secure_mode=True`` for a cryptographically secure generator).
+
+    **Loss.** Opacus' ``loss_reduction="mean"`` requires the loss of a batch to be the *mean of
+    per-sample losses* (e.g. ``F.cross_entropy(logits, y)`` for classification). Hugging Face
+    causal LMs called with ``labels=`` instead average over all tokens of the batch, which makes
+    each sequence's gradient depend on the others' token counts; the callback therefore replaces
+    their ``loss_function`` during training by a per-sequence mean
+    (:func:`~antimemo.dp.hf.per_sequence_causal_lm_loss`), see :mod:`antimemo.dp.hf`.
+
+    **Noise.** Either ``noise_multiplier`` (sigma; ``0`` means clipping only, epsilon ``inf``)
+    or ``target_epsilon``: then sigma is Opacus' ``get_noise_multiplier(target_epsilon, delta,
+    q, steps)`` for ``steps = epochs * int(1/q)`` (``epochs`` defaults to ``max_epochs``, capped
+    by ``max_steps``), and training stops (``trainer.should_stop``) before a step would push
+    epsilon past ``target_epsilon``.
+
+    **Logged:** ``dp/epsilon`` (at ``delta``) at every epoch end and, after training, in
+    ``trainer.callback_metrics``; :attr:`epsilon` gives the current value, :attr:`noise_multiplier`
+    the sigma in use, :attr:`sample_rate` q, :attr:`delta` the delta.
+
+    Args:
+        noise_multiplier: Gaussian noise std as a multiple of ``max_grad_norm`` (>= 0).
+        target_epsilon: privacy budget (> 0) instead of ``noise_multiplier``.
+        delta: delta of the guarantee; default ``1 / (10 N)`` for ``N`` training examples. Must
+            be ``< 1/N`` (a larger delta allows releasing a whole record).
+        max_grad_norm: per-sample clipping norm ``C`` (> 0).
+        epochs: number of epochs the ``target_epsilon`` noise is computed for (default: the
+            trainer's ``max_epochs``). Only with ``target_epsilon``.
+        accountant: ``"prv"`` (default, tightest), ``"rdp"`` or ``"gdp"`` (Opacus accountants).
+        poisson_sampling: must be ``True``: the accountants assume Poisson sampling, and fixed-size
+            shuffled batches make their epsilon an underestimate.
+        grad_sample_mode: ``"hooks"`` (Opacus' per-layer grad samplers, functorch for layers
+            without one), ``"functorch"`` (functorch for every layer) or ``"ghost"`` (ghost
+            clipping: per-sample gradient *norms* only, two backward passes, much less memory;
+            needs Hugging Face causal LMs whose loss comes from ``labels=``, see the docs).
+        secure_mode: use a cryptographically secure RNG (``torchcsprng``) for noise and sampling.
+        fix: replace layers Opacus does not support (BatchNorm, LSTM, MultiheadAttention) by
+            their DP-compatible equivalents (``opacus.validators.ModuleValidator.fix``), in place,
+            before the optimizer is built; otherwise such layers raise an error naming them.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from antimemo.callbacks.dp import DifferentialPrivacy
+        >>> dp = DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0)
+        >>> trainer = pl.Trainer(callbacks=[dp], max_epochs=3)  # doctest: +SKIP
+        >>> trainer.fit(model, datamodule)  # doctest: +SKIP
+        >>> trainer.callback_metrics["dp/epsilon"]  # doctest: +SKIP
+        >>> DifferentialPrivacy(target_epsilon=8.0, accountant="rdp").accountant
+        'rdp'
+    """
+
+    def __init__(
+        self,
+        noise_multiplier: float | None = None,
+        target_epsilon: float | None = None,
+        delta: float | None = None,
+        max_grad_norm: float = 1.0,
+        epochs: int | None = None,
+        accountant: str = "prv",
+        poisson_sampling: bool = True,
+        grad_sample_mode: str = "hooks",
+        secure_mode: bool = False,
+        fix: bool = False,
+    ) -> None:
+        super().__init__()
+        if (noise_multiplier is None) == (target_epsilon is None):
+            raise ValueError(
+                "pass exactly one of noise_multiplier or target_epsilon, got "
+                f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}; e.g. "
+                "DifferentialPrivacy(noise_multiplier=1.0) or DifferentialPrivacy(target_epsilon=8.0)"
+            )
+        if noise_multiplier is not None and not (_is_number(noise_multiplier) and 0 <= noise_multiplier < math.inf):
+            raise ValueError(
+                f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}; e.g. noise_multiplier=1.0 "
+                "(0 clips without noise: epsilon is inf)"
+            )
+        if target_epsilon is not None and not (_is_number(target_epsilon) and 0 < target_epsilon < math.inf):
+            raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}; e.g. target_epsilon=8.0")
+        if delta is not None and not (_is_number(delta) and 0 < delta < 1):
+            raise ValueError(
+                f"delta must be in (0, 1) and below 1/N for N training examples, got {delta!r}; "
+                "or None for 1/(10 N)"
+            )
+        if not (_is_number(max_grad_norm) and 0 < max_grad_norm < math.inf):
+            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}; e.g. max_grad_norm=1.0")
+        if epochs is not None:
+            if target_epsilon is None:
+                raise ValueError(
+                    f"epochs={epochs!r} is only used with target_epsilon (it sets the number of epochs the noise "
+                    "is computed for); with noise_multiplier leave epochs=None and set Trainer(max_epochs)"
+                )
+            if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+                raise ValueError(f"epochs must be an integer >= 1 or None for Trainer(max_epochs), got {epochs!r}")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(
+                f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}; 'prv' (the Opacus default) is the tightest"
+            )
+        if not isinstance(poisson_sampling, bool):
+            raise TypeError(f"poisson_sampling must be a bool, got {poisson_sampling!r}")
+        if not poisson_sampling:
+            raise ValueError(
+                "poisson_sampling=False is not supported: Opacus' accountants assume Poisson sampling, and for "
+                "fixed-size shuffled batches their epsilon is not a guarantee (it can underestimate the real one); "
+                "keep poisson_sampling=True (batch sizes then vary around batch_size)"
+            )
+        if grad_sample_mode not in _GRAD_SAMPLE_MODES:
+            raise ValueError(
+                f"grad_sample_mode must be one of {_GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}; 'ew' and 'ghost_fsdp' "
+                "need Opacus' module wrapper or FSDP, which this callback does not use"
+            )
+        for name, value in (("secure_mode", secure_mode), ("fix", fix)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
+        opacus = _import_opacus()
+        if secure_mode:
+            try:
+                import torchcsprng  # noqa: F401
+            except ImportError as err:
+                raise ImportError(
+                    "secure_mode=True needs torchcsprng (a cryptographically secure RNG), which is not installed; "
+                    "install it (https://github.com/pytorch/csprng) or use secure_mode=False for experiments"
+                ) from err
+        from opacus.accountants import create_accountant
+
+        self.noise_multiplier_arg = None if noise_multiplier is None else float(noise_multiplier)
+        self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
+        self.delta_arg = None if delta is None else float(delta)
+        self.max_grad_norm = float(max_grad_norm)
+        self.epochs = epochs
+        self.accountant = accountant
+        self.poisson_sampling = poisson_sampling
+        self.grad_sample_mode = grad_sample_mode
+        self.secure_mode = secure_mode
+        self.fix = fix
+        self.opacus_version = opacus.__version__
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="GDP accounting is experimental")
+            self._accountant = create_accountant(mechanism=accountant)
+        if noise_multiplier == 0:
+            warnings.warn(
+                "DifferentialPrivacy(noise_multiplier=0) clips per-sample gradients but adds no noise: "
+                "there is no privacy guarantee (epsilon is logged as inf)",
+                UserWarning,
+                stacklevel=2,
+            )
+        # run state
+        self.noise_multiplier: float | None = self.noise_multiplier_arg
+        self.delta: float | None = self.delta_arg
+        self.sample_rate: float | None = None
+        self.dataset_size: int | None = None
+        self.world_size = 1
+        self.rank = 0
+        self.fixed_layers: list[str] = []
+        self.stopped_by_budget = False
+        self._seed = 0
+        self._steps_before_batch = 0
+        self._batch_size: int | None = None
+        self._budget_ok_until: int | None = None
+        self._checked_sum = False
+        self._warned_loss = False
+        self._restored_noise: float | None = None
+        self._hooks: Any = None
+        self._dp_optimizer: Any = None
+        self._original_optimizer: Any = None
+        self._loss_fns: list[PerSequenceLoss] = []
+        self._pos_handles: list[Any] = []
+        self._source: Any = None
+        self._source_had_attr = False
+        self._ddp_model: Any = None
+        self._patched_backward = False
+        self._pl_module: pl.LightningModule | None = None
+        self._eps_cache: tuple[Any, float] | None = None
+
+    # ------------------------------------------------------------------ accounting
+    @property
+    def history(self) -> list[tuple[float, float, int]]:
+        """The accountant history ``[(noise_multiplier, sample_rate, steps)]`` (Opacus' format)."""
+        return [tuple(e) for e in self._accountant.history]  # type: ignore[misc]
+
+    @property
+    def steps(self) -> int:
+        """Number of DP steps taken (accounted), resumes included."""
+        return int(sum(e[2] for e in self._accountant.history))
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far at :attr:`delta` (0.0 before any step; ``inf`` without noise).
+
+        Example:
+            >>> DifferentialPrivacy(noise_multiplier=1.0).epsilon
+            0.0
+        """
+        history = self.history
+        if not history:
+            return 0.0
+        if self.delta is None:
+            raise RuntimeError("delta is not known yet: it is set when the training data is known (fit start)")
+        key = (tuple(history), self.delta)
+        if self._eps_cache is None or self._eps_cache[0] != key:
+            self._eps_cache = (key, compute_epsilon(history, self.delta, self.accountant))
+        return self._eps_cache[1]
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the trainer configuration and the model; route the train loader through Poisson sampling."""
+        if stage != "fit":
+            return
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        others = [cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy) and cb is not self]
+        if others:
+            raise ValueError("Trainer(callbacks=...) holds more than one DifferentialPrivacy callback; keep exactly one")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"DifferentialPrivacy does not support Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}): "
+                "Lightning accumulates over separately sampled batches and scales the loss by 1/k, which breaks both "
+                "Poisson sampling and per-sample clipping. Set accumulate_grad_batches=1 and raise the batch size "
+                "instead (grad_sample_mode='ghost' needs much less memory per sample)"
+            )
+        if trainer.gradient_clip_val not in (None, 0, 0.0):
+            raise ValueError(
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) would clip the batch gradient, which the DP "
+                "optimizer then replaces (a silent no-op); DP-SGD clips each sample's gradient at "
+                "DifferentialPrivacy(max_grad_norm=...). Remove gradient_clip_val"
+            )
+        precision = str(trainer.precision)
+        if precision not in _SUPPORTED_PRECISIONS:
+            raise ValueError(
+                f"DifferentialPrivacy does not support Trainer(precision={precision!r}): fp16 training scales the loss "
+                "with a GradScaler that unscales p.grad but not the per-sample gradients Opacus clips. Use "
+                "precision='32-true' or 'bf16-mixed'"
+            )
+        strategy = trainer.strategy
+        strategy_ok = type(strategy) is SingleDeviceStrategy or (
+            isinstance(strategy, DDPStrategy) and type(strategy).__name__ != "DeepSpeedStrategy"
+        )
+        if not strategy_ok:
+            raise ValueError(
+                f"DifferentialPrivacy supports single-device training and DDP, got strategy {type(strategy).__name__}; "
+                "use Trainer(strategy='auto' | 'ddp' | 'ddp_spawn')"
+            )
+        self.world_size = int(trainer.world_size)
+        self.rank = int(trainer.global_rank)
+        self._seed = int(strategy.broadcast(int(torch.initial_seed()) % (1 << 63), src=0))
+        self._validate_model(pl_module)
+        register_grad_samplers()
+        self._wrap_train_source(trainer)
+
+    def _validate_model(self, pl_module: nn.Module) -> None:
+        from opacus.grad_sample import GradSampleHooks
+        from opacus.utils.module_utils import trainable_modules
+        from opacus.validators import ModuleValidator
+
+        def problems() -> list[tuple[str, nn.Module, str]]:
+            out = []
+            for name, sub in trainable_modules(pl_module):
+                if type(sub) in ModuleValidator.VALIDATORS:
+                    for err in ModuleValidator.VALIDATORS[type(sub)](sub):
+                        out.append((name, sub, str(err)))
+            for err_name, sub in trainable_modules(pl_module):
+                if list(sub.buffers(recurse=False)) and not any(n == err_name for n, _, _ in out):
+                    out.append((err_name, sub, "a trainable layer with buffers (its state mixes samples)"))
+            return out
+
+        found = problems()
+        if found and self.fix:
+            for name, sub, _ in found:
+                if type(sub) not in ModuleValidator.FIXERS:
+                    continue
+                new = ModuleValidator.FIXERS[type(sub)](sub)
+                params = list(sub.parameters())
+                if params:
+                    new.to(params[0].device)
+                parent_name, _, child = name.rpartition(".")
+                parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
+                parent._modules[child] = new
+                self.fixed_layers.append(f"{name}: {type(sub).__name__} -> {type(new).__name__}")
+            if self.fixed_layers:
+                warnings.warn(
+                    "DifferentialPrivacy(fix=True) replaced layers Opacus does not support: "
+                    + "; ".join(self.fixed_layers),
+                    UserWarning,
+                    stacklevel=3,
+                )
+            found = problems()
+        if found:
+            lines = [f"  {name or '<root>'} ({type(sub).__name__}): {reason.split('. ')[0]}" for name, sub, reason in found]
+            hint = (
+                "pass DifferentialPrivacy(fix=True) to replace them (BatchNorm -> GroupNorm, LSTM -> DPLSTM, "
+                "MultiheadAttention -> DPMultiheadAttention)"
+                if not self.fix
+                else "fix=True has no replacement for these; change the model"
+            )
+            raise ValueError("DifferentialPrivacy cannot train these layers privately:\n" + "\n".join(lines) + "\n" + hint)
+        errors = GradSampleHooks.validate(pl_module, strict=False)
+        if errors:  # pragma: no cover - covered by the buffer check above
+            raise ValueError(f"DifferentialPrivacy: Opacus rejects the model: {errors}")
+
+    def _wrap_train_source(self, trainer: pl.Trainer) -> None:
+        source = trainer.fit_loop._data_source
+        if self._source is source:
+            return
+        original = source.dataloader
+        self._source = source
+        self._source_had_attr = "dataloader" in vars(source)
+        self._source_original = original
+
+        def dataloader() -> Any:
+            return self._poisson_loader(original())
+
+        source.dataloader = dataloader
+
+    def _poisson_loader(self, loader: Any) -> DataLoader:
+        if not isinstance(loader, DataLoader):
+            raise TypeError(
+                "DifferentialPrivacy needs train_dataloader() to return one torch.utils.data.DataLoader (it replaces "
+                f"its sampling by Poisson sampling), got {type(loader).__name__}"
+            )
+        dataset = loader.dataset
+        if isinstance(dataset, IterableDataset):
+            raise TypeError(
+                "DifferentialPrivacy needs a map-style training dataset (Poisson sampling draws indices), got the "
+                f"IterableDataset {type(dataset).__name__}"
+            )
+        n = len(dataset)  # type: ignore[arg-type]
+        if loader.batch_size is None:
+            raise ValueError(
+                "the train DataLoader has batch_size=None (a custom batch_sampler); DifferentialPrivacy samples "
+                "batches itself at rate q = batch_size * world_size / len(dataset) and needs DataLoader(batch_size=...)"
+            )
+        per_rank = int(loader.batch_size)
+        q = per_rank * self.world_size / n
+        if q > 1:
+            raise ValueError(
+                f"batch_size={per_rank} x world_size={self.world_size} exceeds the {n} training examples; "
+                "lower the batch size"
+            )
+        sampler = getattr(loader, "sampler", None)
+        if sampler is not None and not isinstance(sampler, (RandomSampler, SequentialSampler)):
+            rank_zero_warn(
+                f"DifferentialPrivacy replaces the train loader's {type(sampler).__name__} by Poisson sampling "
+                f"(every example included with probability q={q:.4g} per step); its weighting/ordering is not used"
+            )
+        delta_default = 1.0 / (10 * n)
+        if self.delta_arg is not None and self.delta_arg >= 1.0 / n:
+            raise ValueError(
+                f"delta={self.delta_arg:g} must be below 1/N = 1/{n} = {1.0 / n:.3g} for N={n} training examples (with "
+                f"delta >= 1/N a mechanism may publish one whole record); e.g. delta=None for 1/(10 N) = {delta_default:.3g}"
+            )
+        if self.sample_rate is not None and self.sample_rate != q:
+            rank_zero_warn(
+                f"DifferentialPrivacy: the sample rate changed from {self.sample_rate:.6g} to {q:.6g} (the train "
+                "loader was rebuilt with another size); the accountant records the new rate from now on"
+            )
+        self.sample_rate = q
+        self.dataset_size = n
+        self.delta = self.delta_arg if self.delta_arg is not None else delta_default
+        if self._dp_optimizer is not None:
+            self._dp_optimizer.expected_batch_size = q * n / self.world_size
+        generator = None
+        if self.secure_mode:
+            import torchcsprng as csprng
+
+            generator = csprng.create_random_device_generator("/dev/urandom")
+        batch_sampler = PoissonBatchSampler(
+            None,
+            batch_size=per_rank,
+            num_samples=n,
+            sample_rate=q,
+            rank=self.rank,
+            world_size=self.world_size,
+            seed=self._seed,
+            start_draw=self.steps,
+            generator=generator,
+        )
+        kwargs: dict[str, Any] = {
+            "num_workers": loader.num_workers,
+            "pin_memory": loader.pin_memory,
+            "timeout": loader.timeout,
+            "worker_init_fn": loader.worker_init_fn,
+            "multiprocessing_context": loader.multiprocessing_context,
+            "persistent_workers": loader.persistent_workers,
+        }
+        if loader.num_workers > 0:
+            kwargs["prefetch_factor"] = loader.prefetch_factor
+        return DataLoader(
+            dataset, batch_sampler=batch_sampler, collate_fn=EmptySafeCollate(loader.collate_fn, dataset), **kwargs
+        )
+
+    # ------------------------------------------------------------------ train start
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach the per-sample hooks, swap in the DP optimizer, verify the Poisson loader."""
+        if self.sample_rate is None or trainer.train_dataloader is None:
+            raise RuntimeError(
+                "DifferentialPrivacy: the train loader did not go through the Poisson-sampling wrapper (no train "
+                "loader was built by fit_loop.setup_data); refusing to train without DP"
+            )
+        self._check_loader(trainer)
+        self._pl_module = pl_module
+        opacus = _import_opacus()  # noqa: F841
+        from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
+        from opacus.optimizers import DPOptimizer, get_optimizer_class
+        from opacus.utils.module_utils import trainable_parameters
+
+        self._validate_model(pl_module)
+        if self._hooks is None:
+            if self.grad_sample_mode == "ghost":
+                self._check_no_tied_ghost(pl_module)
+                self._hooks = GradSampleHooksFastGradientClipping(
+                    pl_module,
+                    batch_first=True,
+                    loss_reduction="mean",
+                    strict=True,
+                    max_grad_norm=self.max_grad_norm,
+                    use_ghost_clipping=True,
+                )
+            else:
+                self._hooks = GradSampleHooks(
+                    pl_module,
+                    batch_first=True,
+                    loss_reduction="mean",
+                    strict=True,
+                    force_functorch=self.grad_sample_mode == "functorch",
+                )
+                self._hooks.forbid_grad_accumulation()
+
+        optimizers = trainer.strategy.optimizers
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"DifferentialPrivacy supports exactly one optimizer, configure_optimizers returned {len(optimizers)}"
+            )
+        original = optimizers[0]
+        if isinstance(original, DPOptimizer):
+            original = original.original_optimizer
+        trainable = {id(p) for _, p in trainable_parameters(pl_module)}
+        for group in original.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and id(p) not in trainable:
+                    raise ValueError(
+                        "the optimizer holds a trainable parameter that is not part of the LightningModule; "
+                        "DifferentialPrivacy can only compute per-sample gradients of the module's parameters"
+                    )
+        self.noise_multiplier = self._resolve_noise(trainer)
+        distributed = self.world_size > 1
+        cls = get_optimizer_class(clipping="flat", distributed=distributed, grad_sample_mode=self.grad_sample_mode)
+        generator = None
+        if self.secure_mode:
+            import torchcsprng as csprng
+
+            generator = csprng.create_random_device_generator("/dev/urandom")
+        else:
+            generator = torch.Generator(device=pl_module.device)
+        self._noise_generator = generator
+        assert self.dataset_size is not None
+        dp_opt = cls(
+            original,
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.sample_rate * self.dataset_size / self.world_size,
+            loss_reduction="mean",
+            generator=generator,
+            secure_mode=self.secure_mode,
+        )
+        dp_opt.attach_step_hook(self._account_step)
+        self._original_optimizer = original
+        self._dp_optimizer = dp_opt
+        trainer.strategy.optimizers = [dp_opt]
+
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            # DistributedDPOptimizer all-reduces the clipped, noised gradient itself; DDP's own all-reduce of the
+            # unclipped gradient would be wasted work (and would make p.grad differ from the local per-sample sum).
+            self._ddp_model = trainer.strategy.model
+            self._ddp_model.require_backward_grad_sync = False
+
+        self._loss_fns = []
+        for lm in find_causal_lms(pl_module):
+            if not isinstance(vars(lm).get("_loss_function"), PerSequenceLoss):
+                lm.loss_function = PerSequenceLoss(lm)
+            self._loss_fns.append(lm.loss_function)
+        self._pos_handles = install_batched_position_ids(pl_module)
+        if self.grad_sample_mode == "ghost":
+            self._patch_backward(pl_module)
+        self._checked_sum = False
+        if self.target_epsilon is not None:
+            self._budget_ok_until = None
+            planned = self._planned_steps(trainer)
+            if not self._budget_allows(trainer, self.steps + 1, guess=max(1, planned - self.steps)):
+                self._stop(trainer)
+        rank_zero_info(
+            f"DifferentialPrivacy: noise_multiplier={self.noise_multiplier:.4g}, max_grad_norm={self.max_grad_norm:g}, "
+            f"sample_rate={self.sample_rate:.4g} (expected batch {self.sample_rate * self.dataset_size:.1f} of "
+            f"{self.dataset_size} examples, {int(1 / self.sample_rate)} steps/epoch), delta={self.delta:.3g}, "
+            f"accountant={self.accountant}, grad_sample_mode={self.grad_sample_mode}, world_size={self.world_size}"
+        )
+
+    def _check_loader(self, trainer: pl.Trainer) -> None:
+        loader = trainer.train_dataloader
+        bs = getattr(loader, "batch_sampler", None)
+        if not (
+            isinstance(loader, DataLoader)
+            and isinstance(bs, PoissonBatchSampler)
+            and bs.sample_rate == self.sample_rate
+            and bs.world_size == self.world_size
+            and bs.rank == self.rank
+            and isinstance(loader.collate_fn, EmptySafeCollate)
+        ):
+            raise RuntimeError(
+                "DifferentialPrivacy: trainer.train_dataloader is not the Poisson-sampling loader it built "
+                f"(got {type(loader).__name__} with batch sampler {type(bs).__name__}); refusing to train without "
+                "Poisson sampling at the accounted rate"
+            )
+
+    def _check_no_tied_ghost(self, pl_module: nn.Module) -> None:
+        from opacus.grad_sample import GradSampleHooksFastGradientClipping
+
+        owners: dict[int, list[str]] = {}
+        for name, sub in pl_module.named_modules(remove_duplicate=False):
+            if type(sub) in GradSampleHooksFastGradientClipping.NORM_SAMPLERS:
+                for p in sub.parameters(recurse=False):
+                    if p.requires_grad:
+                        owners.setdefault(id(p), []).append(name)
+        tied = [names for names in owners.values() if len(set(names)) > 1]
+        if tied:
+            raise ValueError(
+                f"grad_sample_mode='ghost' does not support parameters shared between layers (Opacus ghost clipping), "
+                f"found {tied[0]}; untie them (e.g. tie_word_embeddings=False) or use grad_sample_mode='hooks'"
+            )
+
+    def _planned_steps(self, trainer: pl.Trainer) -> int:
+        steps_per_epoch = int(1 / self.sample_rate)  # type: ignore[operator]
+        epochs = self.epochs if self.epochs is not None else trainer.max_epochs
+        planned = None
+        if epochs is not None and epochs > 0:
+            planned = epochs * steps_per_epoch
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            planned = trainer.max_steps if planned is None else min(planned, trainer.max_steps)
+        if planned is None:
+            raise ValueError(
+                "target_epsilon needs the planned length of training to set the noise: pass "
+                "DifferentialPrivacy(epochs=...) or Trainer(max_epochs=...) / Trainer(max_steps=...)"
+            )
+        return planned
+
+    def _resolve_noise(self, trainer: pl.Trainer) -> float:
+        if self.noise_multiplier_arg is not None:
+            return self.noise_multiplier_arg
+        if self._restored_noise is not None:
+            return self._restored_noise
+        if self.noise_multiplier is not None and self.history:
+            return self.noise_multiplier
+        planned = self._planned_steps(trainer)
+        assert self.target_epsilon is not None and self.delta is not None
+        sigma = noise_multiplier_for(self.target_epsilon, self.delta, self.sample_rate, planned, self.accountant)
+        rank_zero_info(
+            f"DifferentialPrivacy: noise_multiplier={sigma:.4g} reaches epsilon<={self.target_epsilon:g} at "
+            f"delta={self.delta:.3g} after {planned} steps"
+        )
+        return sigma
+
+    def _budget_allows(self, trainer: pl.Trainer, total_steps: int, guess: int | None = None) -> bool:
+        """True if ``total_steps`` accounted steps keep epsilon <= target_epsilon."""
+        if self.target_epsilon is None:
+            return True
+        if self._budget_ok_until is not None and total_steps <= self._budget_ok_until:
+            return True
+        assert self.noise_multiplier is not None and self.sample_rate is not None and self.delta is not None
+        if guess is None:
+            guess = max(1, total_steps - self.steps)
+        k = steps_within_budget(
+            self.target_epsilon,
+            self.delta,
+            self.noise_multiplier,
+            self.sample_rate,
+            self.accountant,
+            history=self.history,
+            guess=guess,
+        )
+        self._budget_ok_until = self.steps + k
+        return total_steps <= self._budget_ok_until
+
+    def _stop(self, trainer: pl.Trainer) -> None:
+        if not self.stopped_by_budget:
+            rank_zero_info(
+                f"DifferentialPrivacy: stopping training after {self.steps} steps: one more step would push epsilon "
+                f"past target_epsilon={self.target_epsilon:g} at delta={self.delta:.3g} "
+                f"(epsilon now {self.epsilon:.4g})"
+            )
+            rank_zero_warn(
+                f"DifferentialPrivacy stopped training: the privacy budget target_epsilon={self.target_epsilon:g} "
+                f"allows no further step (epsilon {self.epsilon:.4g} after {self.steps} steps)"
+            )
+        self.stopped_by_budget = True
+        trainer.should_stop = True
+
+    def _account_step(self, optimizer: Any) -> None:
+        assert self.sample_rate is not None
+        self._accountant.step(
+            noise_multiplier=optimizer.noise_multiplier, sample_rate=self.sample_rate * optimizer.accumulated_iterations
+        )
+
+    def _patch_backward(self, pl_module: pl.LightningModule) -> None:
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
+
+        def ghost_backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
+            called = [fn for fn in self._loss_fns if fn.calls > 0]
+            if len(called) != 1 or called[0].calls != 1 or called[0].last_per_sequence is None:
+                raise RuntimeError(
+                    "grad_sample_mode='ghost' needs the per-sequence losses of the batch, which the callback takes "
+                    "from exactly one Hugging Face causal LM called once with labels= in training_step "
+                    f"(found {sum(fn.calls for fn in self._loss_fns)} such calls); use grad_sample_mode='hooks' "
+                    "for other models"
+                )
+            fn = called[0]
+            assert fn.last_loss is not None and fn.last_per_sequence is not None
+            if not torch.allclose(loss.detach().float(), fn.last_loss.detach().float(), rtol=1e-5, atol=1e-7):
+                raise RuntimeError(
+                    f"grad_sample_mode='ghost': training_step returned a loss ({float(loss):.6g}) that is not the "
+                    f"model's per-sequence loss ({float(fn.last_loss):.6g}); ghost clipping back-propagates the "
+                    "per-sequence losses themselves, so return the Hugging Face loss unchanged or use "
+                    "grad_sample_mode='hooks'"
+                )
+            DPTensorFastGradientClipping(self._hooks, self._dp_optimizer, fn.last_per_sequence, "mean").backward()
+
+        pl_module.backward = ghost_backward  # type: ignore[method-assign]
+        self._patched_backward = True
+
+    # ------------------------------------------------------------------ per step
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        """Record the batch size and the step count before this batch."""
+        self._batch_size = _batch_size(batch)
+        if self._batch_size is None:
+            raise TypeError(
+                f"DifferentialPrivacy could not find a batched tensor in the training batch ({type(batch).__name__}); "
+                "batches must hold tensors whose first dimension is the batch"
+            )
+        self._steps_before_batch = self.steps
+        for fn in self._loss_fns:
+            fn.reset()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        """Verify that the step about to happen is a DP step on per-sample gradients of this batch."""
+        if optimizer is not self._dp_optimizer:
+            raise RuntimeError(
+                f"DifferentialPrivacy: Lightning is about to step {type(optimizer).__name__}, not the DP optimizer; "
+                "refusing to train without DP"
+            )
+        b = self._batch_size
+        ghost = self.grad_sample_mode == "ghost"
+        params = self._dp_optimizer.params
+        if not params:
+            raise RuntimeError("DifferentialPrivacy: the optimizer has no trainable parameters")
+        for p in params:
+            name = self._param_name(p)
+            if ghost:
+                ns = getattr(p, "_norm_sample", None)
+                if ns is None or ns.shape[0] != b:
+                    raise RuntimeError(
+                        f"DifferentialPrivacy: parameter {name} has no per-sample gradient norm for the {b} samples "
+                        f"of this batch (got {None if ns is None else tuple(ns.shape)}); the forward pass did not run "
+                        "through the hooked modules"
+                    )
+                continue
+            gs = getattr(p, "grad_sample", None)
+            if not isinstance(gs, Tensor) or gs.shape[0] != b or gs.shape[1:] != p.shape:
+                got = type(gs).__name__ if not isinstance(gs, Tensor) else tuple(gs.shape)
+                raise RuntimeError(
+                    f"DifferentialPrivacy: parameter {name} has no per-sample gradient of shape ({b}, "
+                    f"{', '.join(map(str, p.shape))}) for this batch (got {got}). Either training_step returned no "
+                    "loss, the forward pass bypassed the LightningModule's submodules, or a module broadcasts over "
+                    "the batch (e.g. position ids of shape [1, S])"
+                )
+        if not ghost and not self._checked_sum and b:
+            self._check_per_sample_sum(trainer, params, b)
+            self._checked_sum = True
+        if self._loss_fns and not self._warned_loss and not any(fn.calls for fn in self._loss_fns):
+            self._warned_loss = True
+            rank_zero_warn(
+                "DifferentialPrivacy: the LightningModule holds a Hugging Face causal LM but its training loss did not "
+                "come from the model's labels= loss (which the callback makes per-sequence). Make sure your loss is "
+                "the mean over the batch of per-sequence losses; a token mean over the whole batch couples sequences"
+            )
+        if not self._budget_allows(trainer, self.steps + 1):
+            raise RuntimeError(
+                f"DifferentialPrivacy: this step would push epsilon past target_epsilon={self.target_epsilon:g} "
+                f"(after {self.steps} steps); training should have stopped (Trainer min_epochs/min_steps override "
+                "trainer.should_stop: lower them)"
+            )
+        if not self.secure_mode:
+            self._noise_generator.manual_seed(mix_seed(self._seed, _NOISE_STREAM, self.rank, self.steps))
+
+    def _param_name(self, p: Tensor) -> str:
+        if self._pl_module is not None:
+            for n, q in self._pl_module.named_parameters():
+                if q is p:
+                    return n
+        return f"<{tuple(p.shape)}>"
+
+    def _check_per_sample_sum(self, trainer: pl.Trainer, params: list[Tensor], b: int) -> None:
+        loose = "bf16" in str(trainer.precision)
+        rtol, atol = (5e-2, 1e-3) if loose else (1e-3, 1e-6)
+        for p in params:
+            if p.grad is None:
+                raise RuntimeError(f"DifferentialPrivacy: parameter {self._param_name(p)} got no gradient")
+            mean = p.grad_sample.to(p.grad.dtype).sum(0) / b
+            err = float((mean - p.grad).abs().max())
+            scale = float(p.grad.abs().max())
+            if err > atol + rtol * scale:
+                raise RuntimeError(
+                    f"DifferentialPrivacy: the per-sample gradients of {self._param_name(p)} do not add up to its batch "
+                    f"gradient (max error {err:.3g} at scale {scale:.3g}): a layer's per-sample gradient rule does not "
+                    "fit how the model uses it (e.g. an input that is not batch-first, or a module reused with "
+                    "different inputs)"
+                )
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Verify that exactly one DP step was accounted; stop when the budget allows no further step."""
+        taken = self.steps - self._steps_before_batch
+        if taken != 1:
+            raise RuntimeError(
+                f"DifferentialPrivacy: {taken} DP steps were accounted for this batch instead of 1; each Poisson batch "
+                "must give exactly one DP optimizer step"
+            )
+        if self.target_epsilon is not None and not self._budget_allows(trainer, self.steps + 1):
+            self._stop(trainer)
+
+    # ------------------------------------------------------------------ logging / end
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log ``dp/epsilon`` at the configured delta."""
+        # identical on every rank (each rank's accountant records the same steps); sync_dist averages equal values
+        pl_module.log("dp/epsilon", float(self.epsilon), on_step=False, on_epoch=True, sync_dist=self.world_size > 1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Store the final ``dp/epsilon`` in ``trainer.callback_metrics``."""
+        trainer.callback_metrics["dp/epsilon"] = torch.tensor(float(self.epsilon))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the hooks and patches and give the strategy its original optimizer back."""
+        if stage != "fit":
+            return
+        if self._hooks is not None:
+            self._hooks.cleanup()
+            self._hooks = None
+        for h in self._pos_handles:
+            h.remove()
+        self._pos_handles = []
+        for lm in find_causal_lms(pl_module):
+            PerSequenceLoss.uninstall(lm)
+        self._loss_fns = []
+        if self._patched_backward:
+            vars(pl_module).pop("backward", None)
+            self._patched_backward = False
+        if self._ddp_model is not None:
+            self._ddp_model.require_backward_grad_sync = True
+            self._ddp_model = None
+        if self._original_optimizer is not None and trainer.strategy.optimizers and (
+            trainer.strategy.optimizers[0] is self._dp_optimizer
+        ):
+            trainer.strategy.optimizers = [self._original_optimizer]
+        if self._dp_optimizer is not None:
+            for p in self._dp_optimizer.params:
+                for attr in ("summed_grad", "grad_sample"):
+                    if hasattr(p, attr):
+                        delattr(p, attr)
+        self._dp_optimizer = None
+        self._original_optimizer = None
+        if self._source is not None:
+            if self._source_had_attr:
+                self._source.dataloader = self._source_original
+            else:
+                vars(self._source).pop("dataloader", None)
+            self._source = None
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """The accountant history and the privacy parameters (plain Python values).
+
+        Example:
+            >>> DifferentialPrivacy(noise_multiplier=1.0).state_dict()["accountant"]
+            {'history': [], 'mechanism': 'prv'}
+        """
+        return {
+            "accountant": {"history": [list(e) for e in self.history], "mechanism": self._accountant.mechanism()},
+            "noise_multiplier": self.noise_multiplier,
+            "delta": self.delta,
+            "sample_rate": self.sample_rate,
+            "max_grad_norm": self.max_grad_norm,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the accountant history, so epsilon continues from the checkpoint (never from zero).
+
+        Raises:
+            ValueError: if the checkpoint used another accountant.
+        """
+        acc = state_dict.get("accountant")
+        if not isinstance(acc, Mapping) or "history" not in acc or "mechanism" not in acc:
+            raise ValueError(f"not a DifferentialPrivacy state: {sorted(state_dict)}")
+        if acc["mechanism"] != self._accountant.mechanism():
+            raise ValueError(
+                f"the checkpoint's privacy history was accounted with accountant={acc['mechanism']!r} but this "
+                f"DifferentialPrivacy uses accountant={self.accountant!r}; resume with accountant={acc['mechanism']!r}"
+            )
+        self._accountant.history = [(float(s), float(q), int(k)) for s, q, k in acc["history"]]
+        if state_dict.get("max_grad_norm") not in (None, self.max_grad_norm):
+            rank_zero_warn(
+                f"DifferentialPrivacy: resuming with max_grad_norm={self.max_grad_norm:g}, the checkpoint used "
+                f"{state_dict['max_grad_norm']:g} (the accounting is unaffected)"
+            )
+        if self.target_epsilon is not None and state_dict.get("noise_multiplier") is not None:
+            self._restored_noise = float(state_dict["noise_multiplier"])
+        self._eps_cache = None
