@@ -7,13 +7,12 @@ Verbs:
   ``<log_dir>/report.json`` (or ``--report_path``).
 - ``antimemo validate --config ... --ckpt_path ...``: run validation (held-out loss) only.
 
-Besides Lightning's ``trainer`` / ``model`` / ``data`` / ``optimizer`` sections, the config has two
-callback sections, each a callback or ``null``:
-
-- ``goldfish``: :class:`~antimemo.callbacks.GoldfishTokenDropout` arguments
-  (``--goldfish.k 8``; ``--goldfish null`` trains without goldfish),
-- ``monitor``: :class:`~antimemo.callbacks.MemorizationMonitor` arguments
-  (``--monitor.num_probes 128``; ``--monitor null`` turns measuring off).
+Besides Lightning's ``trainer`` / ``model`` / ``data`` / ``optimizer`` sections, the config has one
+optional callback section per :data:`CALLBACK_SECTIONS` entry, each a callback or ``null``:
+``goldfish`` (``--goldfish.k 8``; ``--goldfish null`` trains without goldfish), ``dedup``, ``dp``,
+``loss_floor``, ``loss_truncation``, ``spectral_norm``, ``example_tied_dropout`` (all off by
+default) and ``monitor`` (on by default; ``--monitor null`` turns measuring off). ``model`` and
+``data`` take a ``class_path`` (defaults: ``CausalLMModule`` / ``TextDataModule``).
 
 New verbs are added to :data:`VERBS` (name -> :class:`Verb`); ``main`` dispatches on the first
 argument.
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-__all__ = ["AntimemoCLI", "VERBS", "Verb", "main"]
+__all__ = ["AntimemoCLI", "CALLBACK_SECTIONS", "VERBS", "Verb", "main"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +70,35 @@ def _dedup_verb(argv: list[str]) -> int:
     return dedup_cli.run(parser.parse_args(argv))
 
 
+#: Optional callback sections of the ``fit`` / ``validate`` config: section name -> class path.
+#: Each section is ``null`` (off) or the callback's arguments (``--NAME.ARG VALUE``; a
+#: ``class_path:`` may name a subclass). Only ``monitor`` is on by default. Add a mitigation by
+#: adding an entry here; ``antimemo ablate`` sweeps any of them (``--grid NAME.ARG=V1,V2,none``).
+CALLBACK_SECTIONS: dict[str, str] = {
+    "goldfish": "antimemo.callbacks.goldfish.GoldfishTokenDropout",
+    "dedup": "antimemo.callbacks.dedup.DedupSampling",
+    "dp": "antimemo.callbacks.dp.DifferentialPrivacy",
+    "loss_floor": "antimemo.callbacks.loss_floor.LossFloor",
+    "loss_truncation": "antimemo.callbacks.loss_truncation.LossTruncation",
+    "spectral_norm": "antimemo.callbacks.spectral_norm.SpectralNormPenalty",
+    "example_tied_dropout": "antimemo.callbacks.example_tied_dropout.ExampleTiedDropout",
+    "monitor": "antimemo.callbacks.monitor.MemorizationMonitor",
+}
+
+#: Non-null section defaults (the rest default to ``null``).
+_SECTION_DEFAULTS: dict[str, Any] = {
+    "monitor": {"class_path": CALLBACK_SECTIONS["monitor"], "init_args": {"holdout": "val"}},
+}
+
+
+def _import_class(path: str) -> type:
+    """The class named by a dotted ``module.Class`` path."""
+    from importlib import import_module
+
+    module, _, name = path.rpartition(".")
+    return getattr(import_module(module), name)
+
+
 #: Registered verbs, in the order ``antimemo --help`` lists them.
 VERBS: dict[str, Verb] = {
     "fit": Verb("train a model (LightningCLI), then print and save the memorization report", _lightning_verb("fit")),
@@ -84,8 +112,6 @@ def _build_cli_class() -> type:
     import lightning.pytorch as pl
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-    from antimemo.callbacks.goldfish import GoldfishTokenDropout
-    from antimemo.callbacks.monitor import MemorizationMonitor
     from antimemo.lm.data import TextDataModule
     from antimemo.lm.module import CausalLMModule
     from antimemo.report import REPORT_FILENAME, build_report, format_report, write_report
@@ -125,8 +151,10 @@ def _build_cli_class() -> type:
         """
 
         def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
-            kwargs.setdefault("model_class", CausalLMModule)
-            kwargs.setdefault("datamodule_class", TextDataModule)
+            # model / data accept ``class_path:`` (any LightningModule / DataModule); a plain mapping
+            # configures the defaults, CausalLMModule and TextDataModule.
+            kwargs.setdefault("model_class", None)
+            kwargs.setdefault("datamodule_class", None)
             kwargs.setdefault("seed_everything_default", 0)
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
             kwargs.setdefault("parser_kwargs", {"description": "antimemo: train with anti-memorization callbacks"})
@@ -137,18 +165,15 @@ def _build_cli_class() -> type:
             super().__init__(args=args, run=run, **kwargs)
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            """Add the ``goldfish`` and ``monitor`` callback sections and ``--report_path``."""
-            parser.add_lightning_class_args(GoldfishTokenDropout, "goldfish", subclass_mode=True, required=False)
-            parser.add_lightning_class_args(MemorizationMonitor, "monitor", subclass_mode=True, required=False)
-            parser.set_defaults(
-                {
-                    "goldfish": None,
-                    "monitor": {
-                        "class_path": f"{MemorizationMonitor.__module__}.{MemorizationMonitor.__qualname__}",
-                        "init_args": {"holdout": "val"},
-                    },
-                }
-            )
+            """Add one optional section per :data:`CALLBACK_SECTIONS` entry and ``--report_path``."""
+            defaults: dict[str, Any] = {
+                "model": {"class_path": f"{CausalLMModule.__module__}.{CausalLMModule.__qualname__}"},
+                "data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__qualname__}"},
+            }
+            for name, path in CALLBACK_SECTIONS.items():
+                parser.add_lightning_class_args(_import_class(path), name, subclass_mode=True, required=False)
+                defaults[name] = _SECTION_DEFAULTS.get(name)
+            parser.set_defaults(defaults)
             parser.add_argument(
                 "--report_path",
                 type=Optional[str],
@@ -172,12 +197,23 @@ def _build_cli_class() -> type:
             wall = None if self._fit_start is None else time.perf_counter() - self._fit_start
             self._finish_report(wall)
 
+        def _section(self, name: str) -> dict[str, Any] | None:
+            """A callback section's config as plain JSON values (``None`` when off)."""
+            import json
+
+            value = self._get(self.config, name)
+            if value is None:
+                return None
+            value = value.as_dict() if hasattr(value, "as_dict") else value
+            return json.loads(json.dumps(value, default=str))
+
         def _finish_report(self, wall: float | None) -> None:
             trainer = self.trainer
             config_path = self._get(self.config, "config")
             extra: dict[str, Any] = {
                 "config": [str(c) for c in config_path] if isinstance(config_path, (list, tuple)) else config_path,
                 "command": None if self._argv is None else " ".join(["antimemo", *map(str, self._argv)]),
+                "sections": {name: self._section(name) for name in CALLBACK_SECTIONS},
             }
             report = build_report(trainer, train_wall_time_s=wall, best_val_loss=self._val_tracker.best, extra=extra)
             target = self._get(self.config, "report_path")

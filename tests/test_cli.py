@@ -104,6 +104,39 @@ def test_goldfish_and_monitor_flags(tmp_path):
     assert "MemorizationMonitor" not in cbs and "GoldfishTokenDropout" in cbs
 
 
+@pytest.mark.parametrize(
+    "flag, value, cls, attr, expected",
+    [
+        ("--dedup.policy", "drop", "DedupSampling", "policy", "drop"),
+        ("--dp.noise_multiplier", "0.5", "DifferentialPrivacy", "noise_multiplier", 0.5),
+        ("--loss_floor.floor", "1.5", "LossFloor", "floor", 1.5),
+        ("--loss_truncation.c", "0.2", "LossTruncation", "c", 0.2),
+        ("--spectral_norm.lam", "0.05", "SpectralNormPenalty", "lam", 0.05),
+        ("--example_tied_dropout.p_mem", "0.3", "ExampleTiedDropout", "p_mem", 0.3),
+    ],
+)
+def test_every_mitigation_section_is_off_by_default_and_one_flag_turns_it_on(tmp_path, flag, value, cls, attr, expected):
+    from antimemo.cli import CALLBACK_SECTIONS
+
+    section = flag[2:].split(".")[0]
+    assert CALLBACK_SECTIONS[section].endswith("." + cls)
+    assert cls not in _callbacks(_parse(tmp_path))
+    cb = _callbacks(_parse(tmp_path, flag, value))[cls]
+    assert getattr(cb, attr) == expected
+    assert cls not in _callbacks(_parse(tmp_path, flag, value, f"--{section}", "null"))
+
+
+def test_model_and_data_sections_take_a_class_path(tmp_path):
+    from antimemo.lm.data import TextDataModule
+
+    class_path = f"{TextDataModule.__module__}.{TextDataModule.__qualname__}"
+    cli = _parse(tmp_path, "--data", class_path, "--data.num_train", "24", "--model.lr", "0.01")
+    assert isinstance(cli.datamodule, TextDataModule) and cli.datamodule.num_train == 24
+    assert cli.model.hparams.lr == 0.01
+    with pytest.raises(SystemExit):
+        _parse(tmp_path, "--model", "antimemo.no_such.Module")
+
+
 def test_bad_override_is_rejected_with_the_callbacks_message(tmp_path):
     with pytest.raises(ValueError, match="k must be an integer >= 2, got 1"):
         _parse(tmp_path, "--goldfish.k", "1")
@@ -155,6 +188,8 @@ def test_tiny_fit_without_goldfish_and_custom_report_path(tmp_path, capsys):
     assert "| goldfish" in capsys.readouterr().out
     report = json.loads(target.read_text())
     assert report["goldfish"] is None
+    assert report["sections"]["goldfish"] is None and report["sections"]["dp"] is None
+    assert report["sections"]["monitor"]["init_args"]["num_probes"] == 8
     assert report["command"].startswith("antimemo fit --config")
 
 

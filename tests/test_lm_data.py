@@ -174,7 +174,7 @@ def test_dataloaders_yield_dict_batches_deterministically():
     val = torch.cat([b["input_ids"] for b in dm1.val_dataloader()])
     assert torch.equal(val, dm1.val_dataset.input_ids)
     item = dm1.train_dataset[0]
-    assert set(item) == {"input_ids"} and item["input_ids"].dtype == torch.long
+    assert set(item) == {"input_ids"} and item["input_ids"].dtype == torch.long  # example_ids=False (default)
 
 
 @pytest.mark.parametrize(
@@ -190,3 +190,33 @@ def test_dataloaders_yield_dict_batches_deterministically():
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TextDataModule(**kwargs)
+
+
+def test_duplicates_repeat_training_sequences_and_example_ids():
+    plain = TextDataModule(seq_len=64, num_train=20, num_holdout=8, seed=1)
+    dup = TextDataModule(seq_len=64, num_train=20, num_holdout=8, seed=1, duplicates=3, duplicate_copies=5, example_ids=True)
+    plain.setup()
+    dup.setup()
+    ids = dup.train_dataset.input_ids
+    assert len(dup.train_dataset) == 20 + 3 * 4
+    # the first 20 rows are the plain split; the 3 duplicated rows occur 5 times each, the rest once
+    assert torch.equal(ids[:20], plain.train_dataset.input_ids)
+    assert torch.equal(dup.duplicated_dataset.input_ids, ids[:3])
+    counts = [int((ids == row).all(1).sum()) for row in ids[:20]]
+    assert counts == [5, 5, 5] + [1] * 17
+    assert torch.equal(dup.val_dataset.input_ids, plain.val_dataset.input_ids)  # held-out set unchanged
+    assert dup.train_dataset[25]["example_id"] == 25 and "example_id" not in dup.val_dataset[0]
+    assert plain.duplicated_dataset is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"duplicates": -1}, "duplicates must be an integer >= 0, got -1"),
+        ({"duplicate_copies": 1}, "duplicate_copies must be an integer >= 2, got 1"),
+        ({"duplicates": 30, "num_train": 20}, "duplicates=30 exceeds num_train=20"),
+    ],
+)
+def test_bad_duplicate_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TextDataModule(**{"num_holdout": 8, **kwargs})

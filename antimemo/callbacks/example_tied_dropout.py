@@ -218,7 +218,8 @@ class ExampleTiedDropout(pl.Callback):
             raise KeyError(
                 f"ExampleTiedDropout: the training batch has no key {self.example_ids_key!r} (example_ids_key); "
                 f"got {keys}. Wrap the training dataset with antimemo.callbacks.WithExampleIds(dataset) so that "
-                "each item carries its index, or pass example_ids_key=... naming your id entry"
+                "each item carries its index (with antimemo.lm.TextDataModule: example_ids=True, i.e. "
+                "--data.example_ids true), or pass example_ids_key=... naming your id entry"
             )
         ids = batch[self.example_ids_key]
         if not isinstance(ids, Tensor):

@@ -9,6 +9,7 @@ non-members come from ONE random split of the same chunked text, as the MIA lite
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -20,29 +21,37 @@ __all__ = ["SequenceDataset", "TextDataModule"]
 
 
 class SequenceDataset(Dataset):
-    """A dataset of equal-length token rows; item ``i`` is ``{"input_ids": LongTensor[seq_len]}``.
+    """A dataset of equal-length token rows; item ``i`` is ``{"input_ids": LongTensor[seq_len]}``
+    (plus ``"example_id": i`` with ``example_ids=True``, what
+    :class:`~antimemo.callbacks.ExampleTiedDropout` reads).
 
     Args:
         input_ids: ``LongTensor[N, seq_len]``.
+        example_ids: add each item's index as ``"example_id"``.
 
     Example:
         >>> ds = SequenceDataset(torch.arange(6).reshape(2, 3))
         >>> ds[1]["input_ids"].tolist()
         [3, 4, 5]
+        >>> SequenceDataset(torch.arange(6).reshape(2, 3), example_ids=True)[1]["example_id"]
+        1
     """
 
-    def __init__(self, input_ids: torch.Tensor) -> None:
+    def __init__(self, input_ids: torch.Tensor, example_ids: bool = False) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(
                 f"input_ids must be a 2-D LongTensor [N, seq_len], got {type(input_ids).__name__}"
                 f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else ''}"
             )
         self.input_ids = input_ids.long()
+        self.example_ids = bool(example_ids)
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.example_ids:
+            return {"input_ids": self.input_ids[index], "example_id": int(index)}
         return {"input_ids": self.input_ids[index]}
 
 
@@ -70,6 +79,15 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: batch size of both loaders.
         seed: seed of the split and of the training loader's shuffling.
         num_workers: ``DataLoader`` workers.
+        duplicates: number of training sequences (the first ``duplicates`` of the training split)
+            that occur ``duplicate_copies`` times in the training set: the extra copies are
+            appended, so ``len(train_dataset) = num_train + duplicates * (duplicate_copies - 1)``.
+            Duplicated data is what memorization feeds on (Kandpal et al. 2022); this is the
+            setting in which :class:`~antimemo.DedupSampling` is measured. The distinct duplicated
+            sequences are :attr:`duplicated_dataset` (e.g. as probes of a second monitor).
+        duplicate_copies: total occurrences of each duplicated sequence (>= 2).
+        example_ids: training items also hold ``"example_id"`` (their index), which
+            :class:`~antimemo.callbacks.ExampleTiedDropout` needs; validation items never do.
 
     Example:
         >>> dm = TextDataModule(seq_len=64, num_train=256, num_holdout=64, batch_size=32)
@@ -89,6 +107,9 @@ class TextDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         seed: int = 0,
         num_workers: int = 0,
+        duplicates: int = 0,
+        duplicate_copies: int = 16,
+        example_ids: bool = False,
     ) -> None:
         super().__init__()
         _check_int("seq_len", seq_len, 2, "e.g. seq_len=64 (= 32-token prefix + 32-token suffix)")
@@ -98,6 +119,13 @@ class TextDataModule(pl.LightningDataModule):
         _check_int("batch_size", batch_size, 1, "e.g. batch_size=32")
         _check_int("seed", seed, 0, "e.g. seed=0")
         _check_int("num_workers", num_workers, 0, "0 loads in the main process")
+        _check_int("duplicates", duplicates, 0, "0 duplicates nothing; e.g. duplicates=8 repeats 8 training sequences")
+        _check_int("duplicate_copies", duplicate_copies, 2, "it is the total number of copies, e.g. duplicate_copies=16")
+        if num_train is not None and duplicates > num_train:
+            raise ValueError(
+                f"duplicates={duplicates} exceeds num_train={num_train}: only training sequences can be duplicated; "
+                "lower duplicates or raise num_train"
+            )
         if str(corpus) != DEFAULT_CORPUS and not Path(corpus).is_file():
             raise ValueError(
                 f"corpus must be {DEFAULT_CORPUS!r} or the path of an existing UTF-8 text file, got {str(corpus)!r} "
@@ -111,6 +139,10 @@ class TextDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
+        self.duplicates = duplicates
+        self.duplicate_copies = duplicate_copies
+        self.example_ids = bool(example_ids)
+        self.duplicated_dataset: SequenceDataset | None = None
         self.tokenizer = ByteTokenizer()
         self.train_dataset: SequenceDataset | None = None
         self.val_dataset: SequenceDataset | None = None
@@ -156,7 +188,11 @@ class TextDataModule(pl.LightningDataModule):
         """
         if self.train_dataset is None:
             train, holdout = self.build_split()
-            self.train_dataset = SequenceDataset(train)
+            if self.duplicates:
+                dup = train[: self.duplicates]
+                self.duplicated_dataset = SequenceDataset(dup)
+                train = torch.cat([train, dup.repeat(self.duplicate_copies - 1, 1)])
+            self.train_dataset = SequenceDataset(train, example_ids=self.example_ids)
             self.val_dataset = SequenceDataset(holdout)
 
     def _need_setup(self) -> None:
