@@ -36,6 +36,12 @@ REPORT_FILENAME = "report.json"
 
 _MEM_KEYS = ("exact_match", "token_match", "near_verbatim")
 
+#: The strength knobs shown in the table for a mitigation section that is on.
+_SECTION_KNOBS = (
+    "policy", "max_copies", "noise_multiplier", "target_epsilon", "max_grad_norm", "floor", "c", "lam",
+    "p_fixed", "p_mem", "std", "p", "strength", "threshold",
+)  # fmt: skip
+
 
 def _scalar(value: Any) -> float | None:
     """A float from a Python number or a one-element tensor; ``None`` otherwise."""
@@ -188,6 +194,14 @@ def format_report(report: Mapping[str, Any]) -> str:
     gf = report.get("goldfish")
     goldfish = "off" if not gf else f"k={gf.get('k')}, h={gf.get('h')}, seed={gf.get('seed')}"
     rows: list[tuple[str, str]] = [("goldfish", goldfish)]
+    others = {k: v for k, v in (report.get("sections") or {}).items() if v is not None and k not in ("goldfish", "monitor")}
+    for name, section in others.items():
+        args = section.get("init_args", {}) if isinstance(section, Mapping) else {}
+        shown = {k: v for k, v in args.items() if k in _SECTION_KNOBS and v is not None}
+        rows.append((name, ", ".join(f"{k}={v}" for k, v in shown.items()) or "on"))
+    epsilon = (report.get("metrics") or {}).get("dp/epsilon")
+    if epsilon is not None:
+        rows.append(("DP epsilon (dp/epsilon)", _fmt(epsilon, 3)))
     n, p, s = report.get("num_probes"), report.get("prefix_length"), report.get("suffix_length")
     if n is not None:
         rows.append(("probes", f"{n} training sequences, {p}-token prefix -> {s}-token suffix"))

@@ -220,3 +220,19 @@ def test_format_report_warns_when_memorization_is_not_from_the_final_epoch():
     table = format_report({"goldfish": None, "exact_match": 0.5, "memorization_after_epochs": 50, "epochs": 60})
     assert "WARNING" in table and "epoch 50 of 60" in table
     assert "WARNING" not in format_report({"goldfish": None, "memorization_after_epochs": 60, "epochs": 60})
+
+
+def test_format_report_shows_enabled_mitigations_and_epsilon():
+    report = {
+        "goldfish": None,
+        "sections": {
+            "goldfish": None,
+            "dp": {"class_path": "antimemo.DifferentialPrivacy", "init_args": {"noise_multiplier": 0.5, "target_epsilon": None}},
+            "loss_floor": None,
+            "monitor": {"class_path": "antimemo.MemorizationMonitor", "init_args": {"num_probes": 8}},
+        },
+        "metrics": {"dp/epsilon": 41.234},
+    }
+    out = format_report(report)
+    assert "| dp " in out and "noise_multiplier=0.5" in out and "target_epsilon" not in out
+    assert "41.234" in out and "loss_floor" not in out and "num_probes=8" not in out
