@@ -194,7 +194,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     gf = report.get("goldfish")
     goldfish = "off" if not gf else f"k={gf.get('k')}, h={gf.get('h')}, seed={gf.get('seed')}"
     rows: list[tuple[str, str]] = [("goldfish", goldfish)]
-    others = {k: v for k, v in (report.get("sections") or {}).items() if v is not None and k not in ("goldfish", "monitor")}
+    others = {
+        k: v for k, v in (report.get("sections") or {}).items() if v is not None and k != "goldfish" and not k.endswith("monitor")
+    }
     for name, section in others.items():
         args = section.get("init_args", {}) if isinstance(section, Mapping) else {}
         shown = {k: v for k, v in args.items() if k in _SECTION_KNOBS and v is not None}
@@ -230,6 +232,15 @@ def format_report(report: Mapping[str, Any]) -> str:
     if after is not None and epochs is not None and after != epochs:
         rows.append(("WARNING", f"memorization is from epoch {after} of {epochs}, not the final model; "
                                 "make max_epochs a multiple of monitor.every_n_epochs"))
+    extra_monitors = sorted(
+        k for k in (report.get("metrics") or {}) if k.endswith("/exact_match") and k != "memorization/exact_match"
+    )
+    for key in extra_monitors:  # a second MemorizationMonitor (another log_prefix), e.g. on duplicated data
+        prefix = key[: -len("/exact_match")]
+        for name in ("exact_match", "near_verbatim"):
+            value = report["metrics"].get(f"{prefix}/{name}")
+            if value is not None:
+                rows.append((f"{prefix}/{name}", _fmt(value)))
     mia = {k: v for k, v in (report.get("metrics") or {}).items() if "/mia/" in k and k.endswith("/auc")}
     for key, value in sorted(mia.items()):
         rows.append((f"MIA {key.split('/mia/', 1)[1]}", _fmt(value)))

@@ -236,3 +236,14 @@ def test_format_report_shows_enabled_mitigations_and_epsilon():
     out = format_report(report)
     assert "| dp " in out and "noise_multiplier=0.5" in out and "target_epsilon" not in out
     assert "41.234" in out and "loss_floor" not in out and "num_probes=8" not in out
+
+
+def test_format_report_shows_a_second_monitor():
+    report = {
+        "goldfish": None,
+        "sections": {"duplicates_monitor": {"class_path": "antimemo.MemorizationMonitor", "init_args": {}}},
+        "metrics": {"memorization_duplicates/exact_match": 0.75, "memorization_duplicates/near_verbatim": 0.8125},
+    }
+    out = format_report(report)
+    assert "memorization_duplicates/exact_match" in out and "0.7500" in out and "0.8125" in out
+    assert "| duplicates_monitor" not in out
