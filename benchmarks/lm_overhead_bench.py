@@ -1,14 +1,22 @@
 """Cost of goldfish masking and of the memorization monitor, on the LM recipe's model.
 
-Two measurements, each against its alternative in the same run:
+Measurements, each against its alternative in the same run (interleaved, median):
 
 1. Step level: one training step of the recipe model (forward, backward, AdamW step) against
-   ``GoldfishTokenDropout.apply`` on the same batch (the work the callback adds per step).
+   ``GoldfishTokenDropout.apply`` on the same batch (the work the callback adds per step), the
+   bare ``goldfish_mask`` and, for comparison, the previous mask definition (a sequential
+   splitmix64 fold over the ``h`` offsets, kept only in this script as ``_old_goldfish_mask``).
    Target: mask cost <= 1% of the step.
-2. Whole runs: ``Trainer.fit`` for ``--epochs`` epochs with validation every epoch, three
-   configurations in interleaved order, ``--reps`` repetitions each, median wall time:
-   ``plain`` (no antimemo callback), ``goldfish`` (``GoldfishTokenDropout``) and ``monitor``
-   (``MemorizationMonitor`` at its default cadence, every epoch, with ``holdout="val"``) and
+2. Monitor evaluation: one ``MemorizationMonitor`` evaluation (generation of every probe plus
+   MIA scoring, ``holdout="val"``) on the recipe model, with the shared teacher-forced pass
+   (members = probes) against the separate pass it replaced (``_SeparatePassMonitor``: prefix
+   prefill for generation and a separate full forward over the members), in seconds and in
+   training-step equivalents.
+3. Whole runs: ``Trainer.fit`` for ``--epochs`` epochs with validation every epoch, the
+   configurations of ``--configs`` in interleaved order, ``--reps`` repetitions each, median
+   wall time: ``plain`` (no antimemo callback), ``goldfish`` (``GoldfishTokenDropout``),
+   ``monitor`` (``MemorizationMonitor`` at its default cadence, every epoch, with
+   ``holdout="val"``), ``monitor_separate`` (the same with the old separate pass) and
    ``monitor_recipe`` (the recipe's cadence, ``monitor.every_n_epochs`` in the yaml).
    Target: monitor cost <= 10% of training time.
 
@@ -16,7 +24,7 @@ Usage::
 
     python benchmarks/lm_overhead_bench.py                       # recipe sizes, CPU
     python benchmarks/lm_overhead_bench.py --device cuda --epochs 10
-    python benchmarks/lm_overhead_bench.py --json out.json
+    python benchmarks/lm_overhead_bench.py --skip-runs --json out.json
 
 Model and data sizes are read from ``recipes/lm_goldfish.yaml`` (``model`` and ``data``
 sections); ``--epochs`` replaces the recipe's epoch count so the benchmark stays short.
@@ -61,6 +69,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _old_goldfish_mask(input_ids: torch.Tensor, k: int, h: int, seed: int = 0) -> torch.Tensor:
+    """The mask definition antimemo used before (no padding, no exempt ids): state =
+    mix64(seed + GAMMA), then state = mix64(state + GAMMA + token) for the tokens i-h .. i-1,
+    oldest first. A Python loop of ~12 small int64 kernels per offset; for comparison only."""
+    from antimemo.functional.goldfish import _GAMMA, _MASK63, _as_int64, _mix64, _mix64_
+
+    b, t = input_ids.shape
+    ids = input_ids.to(torch.int64)
+    init = torch.tensor(_as_int64(_as_int64(seed) + _GAMMA), dtype=torch.int64)
+    state = torch.full((b, t), int(_mix64(init)), dtype=torch.int64, device=ids.device)
+    for d in range(min(h, t - 1), 0, -1):
+        update = state[:, d:] + _GAMMA
+        update += ids[:, : t - d]
+        _mix64_(update)
+        state[:, d:] = update
+    has_context = (torch.arange(t, device=ids.device) >= 1).expand(b, t)
+    return has_context & ((state & _MASK63) % k == 0)
+
+
+def _interleaved_medians(fns: dict, device: torch.device, reps: int, warmup: int = 3) -> dict:
+    """Median wall time of each function, timed round-robin so load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 def step_level(model_kw: dict, data_kw: dict, goldfish_kw: dict, device: torch.device, reps: int) -> dict:
     from antimemo.callbacks.goldfish import GoldfishTokenDropout
     from antimemo.lm import CausalLMModule, TextDataModule
@@ -81,24 +125,93 @@ def step_level(model_kw: dict, data_kw: dict, goldfish_kw: dict, device: torch.d
     def mask_step():
         callback.apply({"input_ids": batch_ids})
 
-    timings = {}
-    for name, fn in (("train_step", train_step), ("goldfish_apply", mask_step)):
-        for _ in range(3):  # warm-up
-            fn()
-        _sync(device)
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        timings[name] = statistics.median(times)
+    from antimemo.functional.goldfish import goldfish_mask
+
+    k, h, seed = goldfish_kw.get("k", 4), goldfish_kw.get("h", 13), goldfish_kw.get("seed", 0)
+    new_mask = goldfish_mask(batch_ids, k=k, h=h, seed=seed)
+    old_mask = _old_goldfish_mask(batch_ids, k=k, h=h, seed=seed)
+    timings = _interleaved_medians(
+        {
+            "train_step": train_step,
+            "goldfish_apply": mask_step,
+            "mask_new": lambda: goldfish_mask(batch_ids, k=k, h=h, seed=seed),
+            "mask_old": lambda: _old_goldfish_mask(batch_ids, k=k, h=h, seed=seed),
+        },
+        device,
+        reps,
+    )
+    step = timings["train_step"]
     return {
         "batch_shape": list(batch_ids.shape),
-        "train_step_s": timings["train_step"],
+        "train_step_s": step,
         "goldfish_apply_s": timings["goldfish_apply"],
-        "mask_over_step": timings["goldfish_apply"] / timings["train_step"],
+        "mask_new_s": timings["mask_new"],
+        "mask_old_s": timings["mask_old"],
+        "apply_over_step": timings["goldfish_apply"] / step,
+        "mask_new_over_step": timings["mask_new"] / step,
+        "mask_old_over_step": timings["mask_old"] / step,
+        "old_over_new_mask": timings["mask_old"] / timings["mask_new"],
+        "drop_rate_new": float(new_mask[:, 1:].float().mean()),
+        "drop_rate_old": float(old_mask[:, 1:].float().mean()),
     }
+
+
+def _separate_pass_monitor_class():
+    from antimemo.callbacks.monitor import MemorizationMonitor
+
+    class _SeparatePassMonitor(MemorizationMonitor):
+        """The evaluation before the shared pass: prefill-only generation, then a separate full
+        forward over the members (the protocol and the results are the same)."""
+
+        def _members_are_probes(self) -> bool:
+            return False
+
+    return _SeparatePassMonitor
+
+
+def monitor_level(model_kw, data_kw, monitor_kw, device: torch.device, reps: int, step_s: float) -> dict:
+    """Seconds per monitor evaluation (shared vs separate pass), outside a Trainer."""
+    from types import SimpleNamespace
+
+    from antimemo.callbacks.monitor import MemorizationMonitor
+    from antimemo.lm import CausalLMModule, TextDataModule
+
+    dm = TextDataModule(**data_kw)
+    dm.setup("fit")
+    module = CausalLMModule(**model_kw).to(device)
+    trainer = SimpleNamespace(
+        enable_validation=True,
+        limit_val_batches=1.0,
+        train_dataloader=dm.train_dataloader(),
+        val_dataloaders=dm.val_dataloader(),
+        world_size=1,
+        global_rank=0,
+    )
+    kw = {"holdout": "val", **monitor_kw, "every_n_epochs": 1}
+    monitors = {"shared": MemorizationMonitor(**kw), "separate": _separate_pass_monitor_class()(**kw)}
+    for monitor in monitors.values():
+        monitor.on_train_start(trainer, module)
+    assert monitors["shared"]._members_are_probes(), "recipe MIA members should be the probes"
+    results = {name: m._evaluate(trainer, module) for name, m in monitors.items()}
+    timings = _interleaved_medians(
+        {name: (lambda m=m: m._evaluate(trainer, module)) for name, m in monitors.items()},
+        device,
+        reps,
+        warmup=1,
+    )
+    out = {
+        "num_probes": int(monitors["shared"].probes.shape[0]),
+        "batch_size": monitors["shared"].batch_size,
+        "eval_shared_s": timings["shared"],
+        "eval_separate_s": timings["separate"],
+        "eval_shared_in_steps": timings["shared"] / step_s,
+        "eval_separate_in_steps": timings["separate"] / step_s,
+        "steps_per_epoch_for_10pct": timings["shared"] / (0.10 * step_s),
+        "max_abs_result_difference": max(
+            abs(results["shared"][key] - results["separate"][key]) for key in results["shared"]
+        ),
+    }
+    return out
 
 
 def _fit_once(config: str, model_kw, data_kw, goldfish_kw, monitor_kw, epochs: int, device: torch.device) -> float:
@@ -113,6 +226,10 @@ def _fit_once(config: str, model_kw, data_kw, goldfish_kw, monitor_kw, epochs: i
         callbacks.append(GoldfishTokenDropout(**goldfish_kw))
     elif config == "monitor":  # the monitor's default cadence: every validation epoch
         callbacks.append(MemorizationMonitor(**{"holdout": "val", **monitor_kw, "every_n_epochs": 1}))
+    elif config == "monitor_separate":  # the same, with the separate pass it replaced
+        callbacks.append(
+            _separate_pass_monitor_class()(**{"holdout": "val", **monitor_kw, "every_n_epochs": 1})
+        )
     elif config == "monitor_recipe":  # the recipe's cadence (monitor.every_n_epochs in the yaml)
         callbacks.append(MemorizationMonitor(**{"holdout": "val", **monitor_kw}))
     trainer = pl.Trainer(
@@ -135,8 +252,9 @@ def _fit_once(config: str, model_kw, data_kw, goldfish_kw, monitor_kw, epochs: i
     return time.perf_counter() - t0
 
 
-def run_level(model_kw, data_kw, goldfish_kw, monitor_kw, epochs: int, reps: int, device: torch.device) -> dict:
-    configs = ("plain", "goldfish", "monitor", "monitor_recipe")
+def run_level(model_kw, data_kw, goldfish_kw, monitor_kw, epochs: int, reps: int, device: torch.device,
+              configs=("plain", "goldfish", "monitor", "monitor_separate", "monitor_recipe")) -> dict:
+    configs = tuple(configs)
     times: dict[str, list[float]] = {c: [] for c in configs}
     _fit_once("plain", model_kw, data_kw, goldfish_kw, monitor_kw, 1, device)  # warm-up (imports, allocator)
     for rep in range(reps):
@@ -144,16 +262,12 @@ def run_level(model_kw, data_kw, goldfish_kw, monitor_kw, epochs: int, reps: int
         for config in order:
             times[config].append(_fit_once(config, model_kw, data_kw, goldfish_kw, monitor_kw, epochs, device))
     med = {c: statistics.median(v) for c, v in times.items()}
-    return {
-        "epochs": epochs,
-        "reps": reps,
-        "times_s": times,
-        "median_s": med,
-        "goldfish_over_plain": med["goldfish"] / med["plain"],
-        "monitor_over_plain": med["monitor"] / med["plain"],
-        "monitor_cost_fraction": (med["monitor"] - med["plain"]) / med["plain"],
-        "monitor_recipe_cost_fraction": (med["monitor_recipe"] - med["plain"]) / med["plain"],
-    }
+    out = {"epochs": epochs, "reps": reps, "times_s": times, "median_s": med}
+    if "plain" in med:
+        for config in configs:
+            if config != "plain":
+                out[f"{config}_cost_fraction"] = (med[config] - med["plain"]) / med["plain"]
+    return out
 
 
 def main() -> None:
@@ -163,7 +277,14 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per whole run (default 3)")
     parser.add_argument("--reps", type=int, default=3, help="whole-run repetitions per configuration")
     parser.add_argument("--step-reps", type=int, default=20, help="timed repetitions at step level")
-    parser.add_argument("--skip-runs", action="store_true", help="only the step-level measurement")
+    parser.add_argument("--monitor-reps", type=int, default=5, help="timed monitor evaluations per variant")
+    parser.add_argument("--skip-runs", action="store_true", help="no whole-run measurement")
+    parser.add_argument("--skip-monitor", action="store_true", help="no monitor-evaluation measurement")
+    parser.add_argument(
+        "--configs",
+        default="plain,goldfish,monitor,monitor_separate,monitor_recipe",
+        help="comma-separated whole-run configurations",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args()
 
@@ -182,20 +303,38 @@ def main() -> None:
     s = result["step_level"]
     print(f"machine: {machine}")
     print(
-        f"step level, batch {s['batch_shape']}: train step {s['train_step_s'] * 1e3:.2f} ms, "
-        f"goldfish apply {s['goldfish_apply_s'] * 1e3:.3f} ms, ratio {s['mask_over_step']:.4%} (target <= 1%)"
+        f"step level, batch {s['batch_shape']} (median of {args.step_reps}, interleaved): "
+        f"train step {s['train_step_s'] * 1e3:.2f} ms\n"
+        f"  goldfish_mask (new)  {s['mask_new_s'] * 1e3:.3f} ms = {s['mask_new_over_step']:.3%} of the step (target <= 1%)\n"
+        f"  goldfish_mask (old)  {s['mask_old_s'] * 1e3:.3f} ms = {s['mask_old_over_step']:.3%} of the step; "
+        f"old / new = {s['old_over_new_mask']:.1f}x\n"
+        f"  GoldfishTokenDropout.apply {s['goldfish_apply_s'] * 1e3:.3f} ms = {s['apply_over_step']:.3%} of the step\n"
+        f"  drop rate new {s['drop_rate_new']:.4f}, old {s['drop_rate_old']:.4f} (1/k = {1 / goldfish_kw.get('k', 4):.4f})"
     )
+    if not args.skip_monitor:
+        result["monitor_level"] = monitor_level(model_kw, data_kw, monitor_kw, device, args.monitor_reps, s["train_step_s"])
+        m = result["monitor_level"]
+        print(
+            f"monitor evaluation ({m['num_probes']} probes, batch {m['batch_size']}, holdout='val', median of "
+            f"{args.monitor_reps}, interleaved):\n"
+            f"  shared pass   {m['eval_shared_s']:.3f} s = {m['eval_shared_in_steps']:.1f} training steps\n"
+            f"  separate pass {m['eval_separate_s']:.3f} s = {m['eval_separate_in_steps']:.1f} training steps\n"
+            f"  every-epoch cost <= 10% needs epochs of >= {m['steps_per_epoch_for_10pct']:.0f} steps; "
+            f"max |result difference| = {m['max_abs_result_difference']:.2e}"
+        )
     if not args.skip_runs:
-        result["run_level"] = run_level(model_kw, data_kw, goldfish_kw, monitor_kw, args.epochs, args.reps, device)
+        configs = [c for c in args.configs.split(",") if c]
+        result["run_level"] = run_level(
+            model_kw, data_kw, goldfish_kw, monitor_kw, args.epochs, args.reps, device, configs
+        )
         r = result["run_level"]
         print(f"whole runs ({r['epochs']} epochs, median of {r['reps']}):")
         for name, t in r["median_s"].items():
-            print(f"  {name:9s} {t:8.2f} s")
-        print(f"  goldfish / plain = {r['goldfish_over_plain']:.3f}")
-        print(f"  monitor cost, every epoch (default cadence) = {r['monitor_cost_fraction']:.1%} of plain training (target <= 10%)")
-        print(f"  monitor cost, recipe cadence = {r['monitor_recipe_cost_fraction']:.1%} of plain training")
+            cost = r.get(f"{name}_cost_fraction")
+            each = ", ".join(f"{x:.1f}" for x in r["times_s"][name])
+            print(f"  {name:16s} {t:8.2f} s" + ("" if cost is None else f"  ({cost:+.1%} vs plain)") + f"  [{each}]")
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+        args.json.write_text(json.dumps(result, indent=2, default=lambda o: getattr(o, "__qualname__", repr(o))))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import random
 import re
-from types import MappingProxyType
+from types import MappingProxyType, SimpleNamespace
 
 import lightning.pytorch as pl
 import numpy as np
+from lightning.pytorch.loggers import Logger
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,13 @@ class _LogRecorder:
 
     def log(self, name, value, **kwargs) -> None:
         self.calls.append((name, value, kwargs))
+
+
+def _fake_trainer(global_step: int = 1, log_every_n_steps: int = 1) -> SimpleNamespace:
+    """The trainer attributes the callback reads, on one process."""
+    return SimpleNamespace(
+        global_step=global_step, log_every_n_steps=log_every_n_steps, world_size=1, logger=object()
+    )
 
 
 def _batch(seed: int = 0, b: int = 4, t: int = 40, with_labels: bool = True) -> dict:
@@ -77,10 +85,12 @@ def test_existing_labels_are_masked_exactly_and_not_mutated_in_place():
     supervised = kept_copy[:, 1:] != -100
     expected_fraction = float(newly_dropped[:, 1:].sum()) / float(supervised.sum())
     assert 0.15 < expected_fraction < 0.55  # about 1/3
+    assert module.calls == []  # nothing is logged (or synced) at batch start
+    cb.on_train_batch_end(_fake_trainer(), module, None, batch, 0)
     [(name, value, kwargs)] = module.calls
-    assert name == "goldfish/dropped_fraction"
+    assert name == "goldfish/dropped_fraction_step"
     assert value.item() == pytest.approx(expected_fraction)
-    assert kwargs == {"on_step": True, "on_epoch": True, "batch_size": 4}
+    assert kwargs == {"on_step": True, "on_epoch": False, "batch_size": 1}
 
 
 def test_labels_are_created_from_input_ids_when_absent():
@@ -105,7 +115,42 @@ def test_custom_keys_and_zero_supervised_targets():
         None, module, batch, 0
     )
     assert (batch["targets"] == -100).all()
+    GoldfishTokenDropout().on_train_batch_end(_fake_trainer(), module, None, batch, 0)
+    assert module.calls == []  # this callback instance saw no batch: nothing to log
+    cb = GoldfishTokenDropout(input_ids_key="tokens", labels_key="targets")
+    cb.on_train_batch_start(None, module, batch, 0)
+    cb.on_train_batch_end(_fake_trainer(), module, None, batch, 0)
     assert module.calls[0][1].item() == 0.0  # 0 dropped / 0 supervised, reported as 0
+
+
+def test_counts_accumulate_on_device_and_log_only_on_the_cadence():
+    batches = [_batch(seed=s) for s in (40, 41, 42, 43, 44)]
+    cb = GoldfishTokenDropout(k=3, h=6)
+    module = _LogRecorder()
+    counts = []
+    for step, batch in enumerate(batches, start=1):
+        expected = GoldfishTokenDropout(k=3, h=6).apply(dict(batch))
+        counts.append(tuple(int(c) for c in expected))
+        cb.on_train_batch_start(None, module, batch, step - 1)
+        cb.on_train_batch_end(_fake_trainer(step, log_every_n_steps=2), module, None, batch, 0)
+        # an accumulation micro-batch (same global_step) never logs twice
+        cb.on_train_batch_end(_fake_trainer(step, log_every_n_steps=2), module, None, batch, 0)
+    assert [name for name, _, _ in module.calls] == ["goldfish/dropped_fraction_step"] * 2
+    for (_, value, _), window in zip(module.calls, (counts[0:2], counts[2:4])):
+        dropped, supervised = map(sum, zip(*window))
+        assert value.item() == pytest.approx(dropped / supervised)  # pooled counts, not a mean
+    cb.on_train_epoch_end(_fake_trainer(5), module)
+    dropped, supervised = map(sum, zip(*counts))
+    epoch = {name: (value, kwargs) for name, value, kwargs in module.calls[2:]}
+    assert set(epoch) == {"goldfish/dropped_fraction_epoch", "goldfish/dropped_fraction"}
+    value, kwargs = epoch["goldfish/dropped_fraction_epoch"]
+    assert value.item() == pytest.approx(dropped / supervised)
+    assert kwargs["on_epoch"] and not kwargs["on_step"] and kwargs["logger"]
+    assert not epoch["goldfish/dropped_fraction"][1]["logger"]  # callback_metrics only
+    cb.on_train_epoch_start(None, module)  # a new epoch starts from zero
+    cb.on_train_batch_start(None, module, _batch(seed=40), 0)  # the unmasked first batch
+    cb.on_train_epoch_end(_fake_trainer(6), module)
+    assert module.calls[-1][1].item() == pytest.approx(counts[0][0] / counts[0][1])
 
 
 def test_does_not_consume_global_rng():
@@ -276,14 +321,14 @@ def test_trainer_hf_labels_masked_in_training_untouched_in_validation():
     val = _batch(seed=12)
     cb = GoldfishTokenDropout(k=4, h=5, seed=3, exempt_token_ids=(EOS,))
     module = _HFModule()
-    trainer = _trainer([cb], max_epochs=2)
+    trainer = _trainer([cb], max_epochs=2, log_every_n_steps=1)
     trainer.fit(
         module,
         train_dataloaders=DataLoader(_ListDataset(_rows(train[0]) + _rows(train[1])), batch_size=4),
         val_dataloaders=DataLoader(_ListDataset(_rows(val)), batch_size=4),
     )
     assert trainer.global_step == 4 and len(module.train_seen) == 4
-    fractions = []
+    fractions, counts = [], []
     for step, seen in enumerate(module.train_seen):
         source = train[step % 2]  # shuffle=False: batches repeat in order every epoch
         assert torch.equal(seen["input_ids"], source["input_ids"])
@@ -293,7 +338,8 @@ def test_trainer_hf_labels_masked_in_training_untouched_in_validation():
         )
         assert torch.equal(seen["labels"], source["labels"].masked_fill(mask, -100))
         supervised = source["labels"][:, 1:] != -100
-        fractions.append(float((mask[:, 1:] & supervised).sum()) / float(supervised.sum()))
+        counts.append((int((mask[:, 1:] & supervised).sum()), int(supervised.sum())))
+        fractions.append(counts[-1][0] / counts[-1][1])
     # Same targets dropped on every exposure of the same batch (epoch 2 == epoch 1).
     assert torch.equal(module.train_seen[0]["labels"], module.train_seen[2]["labels"])
     assert any(f > 0 for f in fractions)
@@ -305,12 +351,72 @@ def test_trainer_hf_labels_masked_in_training_untouched_in_validation():
     for seen in module.val_seen:
         for key in ("input_ids", "attention_mask", "labels"):
             assert torch.equal(seen[key], val[key])
-    # Logged through Lightning: last step value and the (equal batch size) epoch mean.
+    # Logged through Lightning: last step value (log_every_n_steps=1) and the epoch's pooled
+    # fraction (dropped / supervised over both batches of the last epoch).
     metrics = trainer.callback_metrics
     assert metrics["goldfish/dropped_fraction_step"].item() == pytest.approx(fractions[-1])
-    assert metrics["goldfish/dropped_fraction_epoch"].item() == pytest.approx(
-        (fractions[2] + fractions[3]) / 2
+    epoch = (counts[2][0] + counts[3][0]) / (counts[2][1] + counts[3][1])
+    assert metrics["goldfish/dropped_fraction_epoch"].item() == pytest.approx(epoch)
+    assert metrics["goldfish/dropped_fraction"].item() == pytest.approx(epoch)
+
+
+class _MemoryLogger(Logger):
+    """Records every ``log_metrics`` call: ``(step, {key: value})``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.records.append((step, dict(metrics)))
+
+
+def test_trainer_logger_receives_step_values_on_lightnings_cadence_with_accumulation():
+    # 4 batches per epoch, accumulate_grad_batches=2: 2 optimizer steps per epoch, 2 epochs.
+    batches = [_batch(seed=50 + i) for i in range(4)]
+    rows = [row for batch in batches for row in _rows(batch)]
+    logger = _MemoryLogger()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=[GoldfishTokenDropout(k=4, h=5, seed=3)],
+        enable_progress_bar=False,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        max_epochs=2,
+        log_every_n_steps=2,
+        accumulate_grad_batches=2,
     )
+    trainer.fit(_HFModule(), train_dataloaders=DataLoader(_ListDataset(rows), batch_size=4))
+    assert trainer.global_step == 4
+    counts = []
+    for batch in batches:
+        mask = goldfish_mask(batch["input_ids"], k=4, h=5, seed=3,
+                             attention_mask=batch["attention_mask"])
+        supervised = batch["labels"][:, 1:] != -100
+        counts.append((int((mask[:, 1:] & supervised).sum()), int(supervised.sum())))
+    pooled = sum(c[0] for c in counts) / sum(c[1] for c in counts)
+    step_logs = [(step, m["goldfish/dropped_fraction_step"]) for step, m in logger.records
+                 if "goldfish/dropped_fraction_step" in m]
+    epoch_logs = [m["goldfish/dropped_fraction_epoch"] for _, m in logger.records
+                  if "goldfish/dropped_fraction_epoch" in m]
+    # optimizer steps 2 and 4 are logged; each covers the 4 micro-batches since the last log
+    # (= one epoch of data here), pooled over counts
+    assert len(step_logs) == 2 and all(v == pytest.approx(pooled) for _, v in step_logs)
+    assert len(epoch_logs) == 2 and all(v == pytest.approx(pooled) for v in epoch_logs)
+    assert not any("goldfish/dropped_fraction" in m for _, m in logger.records)  # no alias
 
 
 class _CustomLossModule(pl.LightningModule):
@@ -373,3 +479,57 @@ def test_trainer_resume_checks_goldfish_config(tmp_path):
     resumed = _trainer([GoldfishTokenDropout(k=4, h=13, seed=0)], max_steps=2)
     resumed.fit(_HFModule(), train_dataloaders=data, ckpt_path=ckpt)
     assert resumed.global_step == 2
+
+
+class _GoldfishMetricsRecorder(pl.Callback):
+    """Saves each rank's goldfish values from ``callback_metrics`` at the end of training."""
+
+    def __init__(self, out_dir) -> None:
+        self.out_dir = str(out_dir)
+
+    def on_train_end(self, trainer, pl_module):
+        values = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("goldfish/")
+        }
+        torch.save(values, f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.ddp
+def test_ddp_logs_the_global_fraction_on_every_rank(tmp_path):
+    # 16 rows, 2 ranks x 2 batches of 4: rank r trains on rows r, r+2, ... (DistributedSampler,
+    # no shuffle). The logged epoch value must be the pooled fraction over all 16 rows.
+    batches = [_batch(seed=60 + i) for i in range(4)]
+    rows = [row for batch in batches for row in _rows(batch)]
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        log_every_n_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[GoldfishTokenDropout(k=3, h=5, seed=1), _GoldfishMetricsRecorder(tmp_path)],
+    )
+    trainer.fit(_HFModule(), train_dataloaders=DataLoader(_ListDataset(rows), batch_size=4))
+
+    def pooled(selected):
+        dropped = supervised = 0
+        for row in selected:
+            mask = goldfish_mask(row["input_ids"], k=3, h=5, seed=1,
+                                 attention_mask=row["attention_mask"])
+            kept = row["labels"][1:] != -100
+            dropped += int((mask[1:] & kept).sum())
+            supervised += int(kept.sum())
+        return dropped / supervised
+
+    everything = pooled(rows)
+    rank0_only = pooled(rows[0::2])
+    assert abs(rank0_only - everything) > 1e-4  # a rank-local value would be detectably wrong
+    logged = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert logged[0] == logged[1]  # identical on both ranks
+    for key in ("goldfish/dropped_fraction_epoch", "goldfish/dropped_fraction",
+                "goldfish/dropped_fraction_step"):  # step 2 = the whole epoch here
+        assert logged[0][key] == pytest.approx(everything), key

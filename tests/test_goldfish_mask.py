@@ -39,15 +39,22 @@ def ref_mix64(z: int) -> int:
     return z ^ (z >> 31)
 
 
+def ref_offset_key(d: int) -> int:
+    """Odd key of offset ``d`` (1 = the token just before the target)."""
+    return ref_mix64(d * GAMMA) | 1
+
+
 def ref_hash_row(row, attn, i: int, h: int, seed: int) -> tuple[int, int]:
     """(63-bit hash, number of window tokens used) for target position ``i`` of one row."""
-    state = ref_mix64((seed + GAMMA) & M64)
+    s = ref_mix64((seed + GAMMA) & M64)
+    acc = 0
     used = 0
-    for j in range(max(0, i - h), i):  # oldest first
-        if attn[j]:
-            state = ref_mix64((state + GAMMA + row[j]) & M64)
+    for d in range(1, h + 1):  # offset d: the token d positions before the target
+        j = i - d
+        if j >= 0 and attn[j]:
+            acc = (acc + ref_offset_key(d) * ref_mix64((row[j] + s) & M64)) & M64
             used += 1
-    return state & M63, used
+    return ref_mix64(acc) & M63, used
 
 
 def ref_goldfish_mask(rows, k, h, seed=0, exempt=(), attention=None) -> list[list[bool]]:
@@ -176,18 +183,78 @@ def test_torch_matches_python_reference_hypothesis(rows, k, h, seed):
     assert got.tolist() == ref_goldfish_mask(rows, k, h, seed)
 
 
-def test_hash_of_short_window_is_the_fold_written_out():
-    # Position 2 with h=13 has only two preceding tokens (7, 11): its hash is
-    # mix64(mix64(mix64(seed + GAMMA) + GAMMA + 7) + GAMMA + 11) & (2**63 - 1).
+def test_hash_of_short_window_is_the_keyed_sum_written_out():
+    # Position 2 with h=13 has only two preceding tokens (7 at offset 2, 11 at offset 1):
+    # hash = mix64(K1 * mix64(11 + s) + K2 * mix64(7 + s)) & (2**63 - 1), s = mix64(seed + GAMMA),
+    # K_d = mix64(d * GAMMA) | 1.
     ids = torch.tensor([[7, 11, 5]])
     hashes, has_context = _goldfish_hash(ids, 13, 0, None)
-    s0 = ref_mix64(GAMMA)  # seed 0: the first splitmix64 output
-    assert s0 == 0xE220A8397B1DCDAF
-    s1 = ref_mix64(s0 + GAMMA + 7)
-    s2 = ref_mix64(s1 + GAMMA + 11)
-    assert hashes[0, 1].item() == s1 & M63
-    assert hashes[0, 2].item() == s2 & M63
+    s = ref_mix64(GAMMA)  # seed 0: the first splitmix64 output
+    assert s == 0xE220A8397B1DCDAF
+    k1 = 0xE220A8397B1DCDAF  # splitmix64(0) outputs 1 and 2 (both already odd)
+    k2 = 0x6E789E6AA1B965F4 | 1
+    h1 = ref_mix64((k1 * ref_mix64(7 + s)) & M64)
+    h2 = ref_mix64((k1 * ref_mix64(11 + s) + k2 * ref_mix64(7 + s)) & M64)
+    assert hashes[0, 1].item() == h1 & M63
+    assert hashes[0, 2].item() == h2 & M63
     assert has_context.tolist() == [[False, True, True]]
+
+
+def test_offset_keys_are_odd_and_distinct_for_the_pretraining_window():
+    keys = goldfish_module._offset_keys(50, torch.device("cpu"))
+    assert keys.shape == (50,) and bool((keys & 1 == 1).all())
+    assert len(set(keys.tolist())) == 50
+    # element e is the key of offset h - e (oldest first)
+    assert [k & M64 for k in keys.tolist()] == [ref_offset_key(d) for d in range(50, 0, -1)]
+
+
+def test_op_count_does_not_grow_with_h():
+    # The hash is one fixed sequence of tensor ops (no loop over the h offsets): count the
+    # aten ops dispatched for h=1 and h=50 on the same input.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    ids = _random_ids((4, 256), seed=30)
+    attn = torch.ones(4, 256, dtype=torch.long)
+    counts = []
+    for h in (1, 13, 50):
+        goldfish_module._offset_keys(h, ids.device)  # warm the key cache
+        with Count() as counter:
+            goldfish_mask(ids, k=4, h=h, attention_mask=attn, exempt_token_ids=(3,))
+        counts.append(counter.n)
+    assert counts[0] == counts[1] == counts[2], counts
+    assert counts[0] < 60, counts  # the old per-offset fold took ~13 ops per offset
+
+
+def test_memory_of_the_pretraining_window_is_one_window_tensor():
+    # h=50 on [8, 4096]: only one [B, T, h] int64 temporary (13 MB) is ever allocated.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 4 * 2**20:
+                    self.big.append((tuple(t.shape), t.untyped_storage().nbytes()))
+            return out
+
+    ids = _random_ids((8, 4096), seed=31)
+    with Largest() as mode:
+        mask = goldfish_mask(ids, k=50, h=50)
+    assert mode.big == [((8, 4096, 50), 8 * 4096 * 50 * 8)]  # 13.1 MB, once
+    assert 0.01 < mask.float().mean().item() < 0.03
 
 
 # ---------------------------------------------------------------------------------------------

@@ -212,8 +212,8 @@ def test_membership_inference_matches_functional():
     for name, score in scores.items():
         for suffix, value in (
             ("auc", roc_auc(-score, is_member)),
-            ("tpr@1%fpr", tpr_at_fpr(-score, is_member, 0.01)),
-            ("tpr@0.1%fpr", tpr_at_fpr(-score, is_member, 0.001)),
+            ("tpr_at_1pct_fpr", tpr_at_fpr(-score, is_member, 0.01)),
+            ("tpr_at_0.1pct_fpr", tpr_at_fpr(-score, is_member, 0.001)),
         ):
             key = f"{name}/{suffix}"
             expected_keys.add(key)
@@ -234,8 +234,8 @@ def test_membership_inference_hand_auc():
     assert out["loss/auc"].item() == pytest.approx(0.5)
     # the top score (-0.1) is a non-member: with 2 non-members FPR 1% allows 0 false
     # positives, so no threshold admits a member -> TPR 0
-    assert out["loss/tpr@1%fpr"].item() == 0.0
-    assert out["loss/tpr@0.1%fpr"].item() == 0.0
+    assert out["loss/tpr_at_1pct_fpr"].item() == 0.0
+    assert out["loss/tpr_at_0.1pct_fpr"].item() == 0.0
 
 
 def test_membership_inference_chunks_equal_single_update_and_reset():
@@ -283,9 +283,9 @@ def test_membership_inference_errors():
     ok.update(log_probs, is_member, mask=mask)
     assert set(ok.compute()) == {
         "loss/auc",
-        "loss/tpr@1%fpr",
-        "loss/tpr@0.1%fpr",
+        "loss/tpr_at_1pct_fpr",
+        "loss/tpr_at_0.1pct_fpr",
         "min_k/auc",
-        "min_k/tpr@1%fpr",
-        "min_k/tpr@0.1%fpr",
+        "min_k/tpr_at_1pct_fpr",
+        "min_k/tpr_at_0.1pct_fpr",
     }

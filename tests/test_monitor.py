@@ -1,6 +1,8 @@
 """MemorizationMonitor in real (single-process, CPU) Lightning fits of a tiny Llama."""
 
+import posixpath
 import random
+import re
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -194,6 +196,52 @@ def test_logged_values_reach_the_logger():
     assert {k: logged[-1][f"mem/{k}"] for k in EXTRACTION_KEYS} == monitor.last_results
 
 
+# MLflow's rule for metric names (mlflow/utils/validation.py: _VALID_PARAM_AND_METRIC_NAMES and
+# the path check): alphanumerics, underscores, dashes, periods, spaces and slashes only, and a
+# name that is a normalized relative path (no leading "/", no "..", no "//").
+MLFLOW_METRIC_NAME = re.compile(r"^[/\w.\- ]*$")
+
+
+def _mlflow_accepts(name: str) -> bool:
+    return (
+        bool(MLFLOW_METRIC_NAME.match(name))
+        and posixpath.normpath(name) == name
+        and not name.startswith("/")
+    )
+
+
+def test_every_logged_key_is_a_valid_mlflow_metric_name():
+    assert not _mlflow_accepts("memorization/mia/loss/tpr@1%fpr")  # the old names: rejected
+    assert _mlflow_accepts("memorization/mia/loss/tpr_at_0.1pct_fpr")
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+        experiment = None
+
+        def __init__(self):
+            super().__init__()
+            self.keys = set()
+
+        def log_metrics(self, metrics, step=None):
+            self.keys.update(metrics)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    recorder = Recorder()
+    monitor = MemorizationMonitor(num_probes=4, prefix_length=P, suffix_length=S, holdout="val")
+    _fit(TinyLM(), [monitor], logger=recorder, max_epochs=1)
+    ours = {k for k in recorder.keys if k.startswith("memorization/")}
+    expected = {f"memorization/{k}" for k in EXTRACTION_KEYS} | {
+        f"memorization/mia/{score}/{stat}"
+        for score in MIA_SCORES
+        for stat in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")
+    }
+    assert ours == expected
+    bad = sorted(k for k in ours if not _mlflow_accepts(k))
+    assert not bad, bad
+
+
 def test_model_attr_none_generates_with_the_module_itself():
     common = dict(num_probes=4, prefix_length=P, suffix_length=S)
     by_attr = MemorizationMonitor(**common, log_prefix="a")
@@ -335,7 +383,7 @@ def test_mia_keys_are_logged(holdout):
     monitor = MemorizationMonitor(num_probes=4, prefix_length=P, suffix_length=S, holdout=arg)
     trainer = _fit(TinyLM(), [monitor], max_epochs=60, check_val_every_n_epoch=60)
     for score in MIA_SCORES:
-        for stat in ("auc", "tpr@1%fpr", "tpr@0.1%fpr"):
+        for stat in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr"):
             key = f"mia/{score}/{stat}"
             logged = float(trainer.callback_metrics[f"memorization/{key}"])
             assert logged == monitor.last_results[key]
@@ -346,6 +394,80 @@ def test_mia_keys_are_logged(holdout):
     assert len(monitor.mia_non_member_indices) == 4
     if holdout != "dict":
         assert monitor.mia_member_indices == monitor.probe_indices  # same seed, same walk
+
+
+def test_members_equal_to_probes_share_one_pass_and_match_separate_evaluation():
+    # holdout="val": the MIA members are the probes. The monitor runs each probe prefix once:
+    # prefill [B, P], the true suffix on its cache [B, S], then greedy steps [B, 1]; only the
+    # non-members get a full [B, L] forward. The results equal greedy_generate plus separate
+    # full forwards (what the monitor did before).
+    from antimemo.functional.membership import token_logprob_stats
+    from antimemo.metrics import MembershipInference
+
+    monitor = MemorizationMonitor(num_probes=4, prefix_length=P, suffix_length=S, holdout="val")
+    module = TinyLM()
+    shapes = []
+
+    class Spy(Callback):
+        def on_validation_epoch_end(self, trainer, pl_module):  # runs before the monitor's
+            shapes.clear()
+
+    def hook(mod, args, kwargs):
+        shapes.append((tuple(kwargs["input_ids"].shape), kwargs.get("past_key_values") is not None))
+
+    handle = module.model.register_forward_pre_hook(hook, with_kwargs=True)
+    _fit(module, [Spy(), monitor], max_epochs=6, check_val_every_n_epoch=6)
+    handle.remove()
+    assert monitor.mia_member_indices == monitor.probe_indices
+    assert shapes == [((4, P), False), ((4, S), True)] + [((4, 1), True)] * (S - 1) + [
+        ((4, L), False)  # the non-members only
+    ]
+    expected = _direct_scores(module.model, monitor.probes)
+    members = monitor.probes
+    non_members = torch.stack([VAL[i]["input_ids"] for i in monitor.mia_non_member_indices])
+    sequences = torch.cat([members, non_members])
+    with torch.no_grad():
+        log_probs, mu, sigma, mask = token_logprob_stats(module.model(input_ids=sequences).logits,
+                                                         sequences)
+    mia = MembershipInference()
+    texts = [row.to(torch.int32).numpy().astype("<i4").tobytes() for row in sequences]
+    mia.update(log_probs, torch.arange(8) < 4, mask=mask, mu=mu, sigma=sigma, texts=texts)
+    expected.update({f"mia/{k}": float(v) for k, v in mia.compute().items()})
+    assert monitor.last_results == pytest.approx(expected, abs=1e-6)
+    assert 0.0 < monitor.last_results["token_match"] < 1.0  # part-way: not a vacuous comparison
+
+
+def test_greedy_generate_with_logits_equals_generate_plus_forward_with_and_without_crop():
+    from antimemo.functional.generation import greedy_generate_with_logits
+
+    model = TinyLM(seed=3).model.eval()
+    seqs = torch.randint(0, VOCAB, (5, L), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(input_ids=seqs).logits
+    expected = greedy_generate(model, seqs[:, :P], S, batch_size=2)
+
+    class NoCrop(torch.nn.Module):  # a cache without .crop(): the fallback full forward
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            past = None if past_key_values is None else past_key_values.cache
+            out = self.inner(input_ids=input_ids, past_key_values=past, use_cache=use_cache)
+            if use_cache:
+                return SimpleNamespace(
+                    logits=out.logits, past_key_values=SimpleNamespace(cache=out.past_key_values)
+                )
+            return out.logits
+
+    for candidate in (model, NoCrop(model)):
+        chunks = list(greedy_generate_with_logits(candidate, seqs, P, batch_size=2))
+        assert [start for start, _, _ in chunks] == [0, 2, 4]
+        assert torch.equal(torch.cat([g for _, g, _ in chunks]), expected)
+        assert torch.allclose(torch.cat([lg for _, _, lg in chunks]), full, atol=1e-5)
+    assert torch.is_grad_enabled()  # the generator does not leak no_grad to its caller
+    with pytest.raises(ValueError, match="prefix_length must be an integer in"):
+        next(greedy_generate_with_logits(model, seqs, L))
 
 
 def test_mia_zlib_text_defaults_to_int32_little_endian_bytes_and_decode_is_used():
@@ -362,7 +484,7 @@ def test_mia_zlib_text_defaults_to_int32_little_endian_bytes_and_decode_is_used(
         **common, mia_scores=("zlib",), decode=as_int32_le, log_prefix="d", batch_size=3
     )
     trainer = _fit(TinyLM(), [default, decoded], max_epochs=3)
-    zlib_keys = {f"mia/zlib/{stat}" for stat in ("auc", "tpr@1%fpr", "tpr@0.1%fpr")}
+    zlib_keys = {f"mia/zlib/{stat}" for stat in ("auc", "tpr_at_1pct_fpr", "tpr_at_0.1pct_fpr")}
     assert set(default.last_results) == set(EXTRACTION_KEYS) | zlib_keys
     assert default.last_results == decoded.last_results
     assert "memorization/mia/loss/auc" not in trainer.callback_metrics

@@ -8,6 +8,8 @@ them: targets chosen by :func:`antimemo.functional.goldfish.goldfish_mask` are s
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
 
@@ -26,6 +28,23 @@ from antimemo.functional.goldfish import (
 )
 
 __all__ = ["GOLDFISH_PRETRAINING_PRESET", "GoldfishTokenDropout"]
+
+
+def _fraction(counts: Tensor) -> Tensor:
+    """``dropped / supervised`` from a ``[dropped, supervised]`` count tensor (0 when none)."""
+    return counts[0].to(torch.float32) / counts[1].clamp_min(1).to(torch.float32)
+
+
+def _silence_epoch_sync_warning(name: str) -> None:
+    """Lightning advises ``sync_dist=True`` for epoch values logged under DDP; ours is already
+    the global value (counts summed over ranks), so ignore the advice for exactly this key."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    warnings.filterwarnings(
+        "ignore",
+        message=rf"It is recommended to use `self\.log\({re.escape(repr(name))}, \.\.\., sync_dist",
+    )
+
 
 #: Goldfish settings for pretraining at scale, as used by Apertus (arXiv 2509.14233):
 #: drop 1 target in 50 (2%), hashing the 50 preceding tokens.
@@ -48,12 +67,21 @@ class GoldfishTokenDropout(pl.Callback):
     (``labels[..., i]`` is the target predicted from ``input_ids[..., :i]``). Validation, test
     and predict batches are never touched, so validation loss stays the plain loss.
 
-    Logged: ``goldfish/dropped_fraction`` = dropped supervised targets / supervised targets
-    before dropping, counted over ``labels[..., 1:]`` (a causal LM never uses position 0 as a
-    target), via ``pl_module.log(..., on_step=True, on_epoch=True, batch_size=B)``; the epoch
-    value is Lightning's batch-size-weighted mean of the per-step fractions. The logged value
-    stays on the batch's device (no host sync). No random numbers are drawn: the global RNG
-    is untouched.
+    Logged: the dropped fraction, dropped supervised targets / supervised targets before
+    dropping, counted over ``labels[..., 1:]`` (a causal LM never uses position 0 as a target).
+    The two counts are accumulated as tensors on the batch's device (no host sync per step) and
+    turned into fractions only when logged:
+
+    - ``goldfish/dropped_fraction_step``, in ``on_train_batch_end`` of every
+      ``trainer.log_every_n_steps``-th optimizer step (the steps Lightning sends to loggers):
+      the fraction over all batches since the previous such log;
+    - ``goldfish/dropped_fraction_epoch`` (and, for ``trainer.callback_metrics`` only,
+      ``goldfish/dropped_fraction``), in ``on_train_epoch_end``: the fraction over the whole
+      epoch.
+
+    Under DDP the counts are summed over ranks (``trainer.strategy.reduce``, one all-reduce of
+    two integers per log) before dividing, so every rank logs the exact global fraction. No
+    random numbers are drawn: the global RNG is untouched.
 
     ``state_dict()`` stores ``{"k", "h", "seed"}``; ``load_state_dict`` raises if a checkpoint
     was trained with other values, because resuming with another hash silently changes which
@@ -103,6 +131,9 @@ class GoldfishTokenDropout(pl.Callback):
                 raise TypeError(f"{name} must be a non-empty string batch key, got {value!r}")
         self.input_ids_key = input_ids_key
         self.labels_key = labels_key
+        self._epoch_counts: Tensor | None = None  # [dropped, supervised] this epoch
+        self._window_counts: Tensor | None = None  # the same since the last step log
+        self._last_logged_step = -1
 
     @classmethod
     def pretraining(cls, **overrides: Any) -> GoldfishTokenDropout:
@@ -202,21 +233,84 @@ class GoldfishTokenDropout(pl.Callback):
         supervised = supervised_before[..., 1:].sum()
         return dropped, supervised
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reset the epoch's dropped / supervised counts."""
+        self._epoch_counts = None
+        self._window_counts = None
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Mask the training batch's labels and log ``goldfish/dropped_fraction``."""
+        """Mask the training batch's labels and add its counts to the running totals."""
         dropped, supervised = self.apply(batch)
-        input_ids = batch[self.input_ids_key]
-        batch_size = int(input_ids.shape[0]) if input_ids.dim() == 2 else 1
-        fraction = dropped.to(torch.float32) / supervised.clamp_min(1).to(torch.float32)
+        counts = torch.stack((dropped, supervised))
+        if self._epoch_counts is None or self._epoch_counts.device != counts.device:
+            self._epoch_counts = torch.zeros_like(counts)
+            self._window_counts = torch.zeros_like(counts)
+        self._epoch_counts += counts
+        self._window_counts += counts
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Log ``goldfish/dropped_fraction_step`` on Lightning's logging cadence."""
+        if self._window_counts is None or not self._log_due(trainer):
+            return
+        counts = self._reduce(trainer, self._window_counts)
+        self._window_counts.zero_()
         pl_module.log(
-            "goldfish/dropped_fraction",
-            fraction,
+            "goldfish/dropped_fraction_step",
+            _fraction(counts),
             on_step=True,
-            on_epoch=True,
-            batch_size=batch_size,
+            on_epoch=False,
+            batch_size=1,
         )
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log ``goldfish/dropped_fraction_epoch`` (the fraction over the whole epoch)."""
+        if self._epoch_counts is None:
+            return
+        fraction = _fraction(self._reduce(trainer, self._epoch_counts))
+        has_logger = getattr(trainer, "logger", None) is not None
+        for name, to_logger in (
+            ("goldfish/dropped_fraction_epoch", has_logger),
+            ("goldfish/dropped_fraction", False),
+        ):
+            _silence_epoch_sync_warning(name)
+            pl_module.log(
+                name,
+                fraction,
+                on_step=False,
+                on_epoch=True,
+                logger=to_logger,
+                batch_size=1,
+                sync_dist=False,  # already the global fraction (counts summed over ranks)
+            )
+
+    def _log_due(self, trainer: pl.Trainer) -> bool:
+        """True once per optimizer step that is a multiple of ``log_every_n_steps``.
+
+        ``global_step`` is already incremented when ``on_train_batch_end`` runs, so this matches
+        the steps at which Lightning sends step metrics to the loggers; micro-batches of
+        gradient accumulation (no new optimizer step) never log twice."""
+        every = trainer.log_every_n_steps
+        step = int(trainer.global_step)
+        if not every or step <= 0 or step % every != 0 or step == self._last_logged_step:
+            return False
+        self._last_logged_step = step
+        return True
+
+    @staticmethod
+    def _reduce(trainer: pl.Trainer, counts: Tensor) -> Tensor:
+        """Sum the ``[dropped, supervised]`` counts over all ranks (a no-op on one process)."""
+        if trainer.world_size <= 1:
+            return counts.clone()
+        return trainer.strategy.reduce(counts.clone(), reduce_op="sum")
 
     def state_dict(self) -> dict[str, Any]:
         """The hash configuration, stored in checkpoints: ``{"k", "h", "seed"}``."""

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-from antimemo.functional.generation import greedy_generate
+from antimemo.functional.generation import greedy_generate, greedy_generate_with_logits
 from antimemo.functional.membership import token_logprob_stats
 from antimemo.metrics.extraction import ExtractableMemorization
 from antimemo.metrics.membership import MembershipInference
@@ -226,8 +226,8 @@ class MemorizationMonitor(Callback):
     - ``{log_prefix}/exact_match``: fraction of probes whose whole suffix is reproduced,
     - ``{log_prefix}/token_match``: mean fraction of suffix positions reproduced,
     - ``{log_prefix}/near_verbatim``: fraction with edit similarity >= ``near_verbatim_threshold``,
-    - with ``holdout``: ``{log_prefix}/mia/{score}/auc``, ``.../tpr@1%fpr`` and
-      ``.../tpr@0.1%fpr`` for each score in ``mia_scores``.
+    - with ``holdout``: ``{log_prefix}/mia/{score}/auc``, ``.../tpr_at_1pct_fpr`` and
+      ``.../tpr_at_0.1pct_fpr`` for each score in ``mia_scores``.
 
     **Membership inference** (``holdout`` given). Members and non-members are sequences of
     ``prefix_length + suffix_length`` tokens drawn like the probes (same seed, same length rule),
@@ -245,7 +245,13 @@ class MemorizationMonitor(Callback):
 
     **Side effects.** None: the train/eval mode of every submodule and the RNG states (torch CPU,
     CUDA when initialized, Python ``random``, NumPy) are restored after each evaluation, which
-    runs under ``torch.no_grad()``.
+    runs under ``torch.inference_mode()``.
+
+    **Cost.** When the MIA members are exactly the probes (the default draw with ``holdout``),
+    one teacher-forced pass per batch serves both: the prefix is run once with the KV cache,
+    the true suffix on top of it gives the member log-probs, the cache is cropped back to the
+    prefix and greedy decoding continues
+    (:func:`~antimemo.functional.generation.greedy_generate_with_logits`).
 
     Args:
         num_probes: Number of training probes to draw (ignored when ``probes`` is given); also
@@ -273,6 +279,11 @@ class MemorizationMonitor(Callback):
         log_prefix: Prefix of the logged keys.
         use_cache: Decode with the KV cache (``model(..., past_key_values=..., use_cache=True)``);
             ``False`` for models without one (slower: the whole sequence is re-run per token).
+        probe_dataset: Draw the probes from ``trainer.datamodule.<probe_dataset>`` instead of the
+            training dataloader's dataset, e.g. ``"duplicated_dataset"`` of
+            :class:`~antimemo.lm.TextDataModule` (the distinct duplicated training sequences; use
+            a second monitor with another ``log_prefix``). MIA members still come from the
+            training dataset.
 
     Attributes:
         probes: LongTensor ``[N, prefix_length + suffix_length]`` (CPU) once drawn.
@@ -318,6 +329,7 @@ class MemorizationMonitor(Callback):
         decode: Callable[[list[int]], str | bytes] | None = None,
         log_prefix: str = "memorization",
         use_cache: bool = True,
+        probe_dataset: str | None = None,
     ) -> None:
         super().__init__()
         self.num_probes = _check_int("num_probes", num_probes, 1, "e.g. num_probes=64")
@@ -383,6 +395,12 @@ class MemorizationMonitor(Callback):
         if not isinstance(use_cache, bool):
             raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
         self.use_cache = use_cache
+        if probe_dataset is not None and (not isinstance(probe_dataset, str) or not probe_dataset.isidentifier()):
+            raise ValueError(
+                f"probe_dataset must be None or the name of a datamodule attribute, got {probe_dataset!r}; "
+                "e.g. probe_dataset='duplicated_dataset'"
+            )
+        self.probe_dataset = probe_dataset
         self.holdout = self._check_holdout(holdout)
 
         self._explicit_probes = probes is not None
@@ -598,11 +616,23 @@ class MemorizationMonitor(Callback):
             "pass probes= (and, for MIA, holdout={'members': ..., 'non_members': ...})",
         )
 
+    def _named_dataset(self, trainer: pl.Trainer) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        dataset = getattr(datamodule, self.probe_dataset, None) if datamodule is not None else None
+        if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise ValueError(
+                f"{_NAME}(probe_dataset={self.probe_dataset!r}): trainer.datamodule "
+                f"({type(datamodule).__name__}) has no map-style dataset attribute {self.probe_dataset!r} "
+                f"(got {type(dataset).__name__}); e.g. TextDataModule(duplicates=8) provides "
+                "'duplicated_dataset', or pass probe_dataset=None to probe the training set"
+            )
+        return dataset
+
     def _prepare_probes(self, trainer: pl.Trainer) -> None:
         if self._explicit_probes:
             return
         need, key = self.probe_length, self.input_ids_key
-        dataset = self._train_dataset(trainer)
+        dataset = self._train_dataset(trainer) if self.probe_dataset is None else self._named_dataset(trainer)
         if self.probe_indices is not None:
             self.probes = _fetch(dataset, self.probe_indices, need, key, "training dataset")
             return
@@ -684,69 +714,119 @@ class MemorizationMonitor(Callback):
         rng = _get_rng_state(device.type == "cuda" or _cuda_in_use())
         try:
             model.eval()
-            with torch.no_grad():
-                if self.holdout is not None and self._mia_members is None:
-                    self._prepare_mia(trainer)  # holdout="val" before the val loader existed
-                results = self._extraction(model, device, rank, world)
+            if self.holdout is not None and self._mia_members is None:
+                self._prepare_mia(trainer)  # holdout="val" before the val loader existed
+            with torch.inference_mode():
+                mia = None
                 if self.holdout is not None:
-                    results.update(self._membership(model, device, rank, world))
+                    mia = MembershipInference(scores=self.mia_scores).to(device)
+                results = self._extraction(model, device, rank, world, mia)
+                if mia is not None:
+                    results.update(self._membership(model, device, rank, world, mia))
         finally:
             for module, training in modes:
                 module.training = training  # per module: Module.train() would recurse
             _set_rng_state(rng)
         return results
 
-    def _extraction(
-        self, model: torch.nn.Module, device: torch.device, rank: int, world: int
-    ) -> dict[str, float]:
-        shard = self.probes[rank::world].to(device)
-        generated = greedy_generate(
-            model,
-            shard[:, : self.prefix_length],
-            self.suffix_length,
-            self.batch_size,
-            use_cache=self.use_cache,
+    def _members_are_probes(self) -> bool:
+        """True when the MIA members are exactly the probes (the usual case: same dataset, seed
+        and length rule), so one teacher-forced pass serves both."""
+        members = self._mia_members
+        return (
+            self.use_cache
+            and members is not None
+            and self.probes is not None
+            and members.shape == self.probes.shape
+            and torch.equal(members, self.probes)
         )
+
+    def _extraction(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        rank: int,
+        world: int,
+        mia: MembershipInference | None = None,
+    ) -> dict[str, float]:
+        shard = self.probes[rank::world]
+        if mia is not None and self._members_are_probes():
+            # One pass per chunk gives the greedy suffix *and* the member MIA log-probs: the
+            # prefix is run once, the true suffix on top of its KV cache (teacher forcing), the
+            # cache is cropped back to the prefix and greedy decoding continues from there.
+            generated = torch.empty(
+                (len(shard), self.suffix_length), dtype=torch.long, device=device
+            )
+            for start, tokens, logits in greedy_generate_with_logits(
+                model, shard.to(device), self.prefix_length, self.batch_size
+            ):
+                generated[start : start + len(tokens)] = tokens
+                rows = shard[start : start + len(tokens)]
+                self._update_mia(mia, logits, rows, rows.to(device), is_member=True)
+        else:
+            generated = greedy_generate(
+                model,
+                shard[:, : self.prefix_length].to(device),
+                self.suffix_length,
+                self.batch_size,
+                use_cache=self.use_cache,
+            )
         metric = ExtractableMemorization(
             prefix_length=self.prefix_length,
             suffix_length=self.suffix_length,
             near_verbatim_threshold=self.near_verbatim_threshold,
         ).to(device)
-        metric.update(generated.to(device), shard[:, self.prefix_length :])
+        metric.update(generated.to(device), shard[:, self.prefix_length :].to(device))
         computed = metric.compute()  # a collective under DDP: every rank calls it
         return {key: float(computed[key]) for key in _EXTRACTION_KEYS}
 
+    def _update_mia(
+        self,
+        metric: MembershipInference,
+        logits: Any,
+        rows_cpu: Tensor,
+        rows: Tensor,
+        is_member: bool | Tensor,
+    ) -> None:
+        """Score one batch of sequences (``rows`` on the device, ``rows_cpu`` their CPU copy)."""
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"{_NAME}: MIA needs model(input_ids=...) to return logits [B, T, V] (a "
+                f"tensor or an object with .logits), got {type(logits).__name__}"
+            )
+        log_probs, mu, sigma, mask = token_logprob_stats(logits, rows)
+        texts = None
+        if "zlib" in self.mia_scores:  # from the CPU copy: no device-to-host copy per batch
+            texts = [
+                self.decode(row.tolist()) if self.decode is not None else _ids_bytes(row)
+                for row in rows_cpu
+            ]
+        if isinstance(is_member, bool):
+            is_member = torch.full((len(rows),), is_member, dtype=torch.bool, device=rows.device)
+        metric.update(log_probs, is_member, mask=mask, mu=mu, sigma=sigma, texts=texts)
+
     def _membership(
-        self, model: torch.nn.Module, device: torch.device, rank: int, world: int
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        rank: int,
+        world: int,
+        metric: MembershipInference,
     ) -> dict[str, float]:
         members, non_members = self._mia_members, self._mia_non_members
-        sequences = torch.cat([members, non_members])[rank::world]
-        is_member = (torch.arange(len(members) + len(non_members)) < len(members))[rank::world]
-        metric = MembershipInference(scores=self.mia_scores).to(device)
+        # This rank's share of cat([members, non_members])[rank::world]. When the members are
+        # the probes, _extraction already scored members[rank::world] (the same share).
+        index = torch.arange(len(members) + len(non_members))[rank::world]
+        if self._members_are_probes():
+            index = index[index >= len(members)]
+        sequences = torch.cat([members, non_members])[index]
+        is_member = index < len(members)
         for start in range(0, len(sequences), self.batch_size):
-            batch = sequences[start : start + self.batch_size].to(device)
-            output = model(input_ids=batch)
-            logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
-            if not isinstance(logits, Tensor):
-                raise TypeError(
-                    f"{_NAME}: MIA needs model(input_ids=...) to return logits [B, T, V] (a "
-                    f"tensor or an object with .logits), got {type(output).__name__}"
-                )
-            log_probs, mu, sigma, mask = token_logprob_stats(logits, batch)
-            texts = None
-            if "zlib" in self.mia_scores:
-                rows = batch.cpu()
-                texts = [
-                    self.decode(row.tolist()) if self.decode is not None else _ids_bytes(row)
-                    for row in rows
-                ]
-            metric.update(
-                log_probs,
-                is_member[start : start + self.batch_size].to(device),
-                mask=mask,
-                mu=mu,
-                sigma=sigma,
-                texts=texts,
-            )
+            rows_cpu = sequences[start : start + self.batch_size]
+            rows = rows_cpu.to(device)
+            output = model(input_ids=rows)
+            logits = output if isinstance(output, Tensor) else getattr(output, "logits", output)
+            members_here = is_member[start : start + self.batch_size].to(device)
+            self._update_mia(metric, logits, rows_cpu, rows, members_here)
         computed = metric.compute()  # a collective under DDP: every rank calls it
         return {f"mia/{key}": float(value) for key, value in computed.items()}

@@ -12,11 +12,12 @@ returns logits, HF-style (``output.logits``; with ``use_cache=True`` also
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["greedy_generate"]
+__all__ = ["greedy_generate", "greedy_generate_with_logits"]
 
 
 def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
@@ -163,16 +164,29 @@ def greedy_generate(
 
 
 def _decode_cached(model: Any, chunk: torch.Tensor, suffix_length: int) -> torch.Tensor:
-    tokens = torch.empty((chunk.shape[0], suffix_length), dtype=torch.long, device=chunk.device)
     output = model(input_ids=chunk, use_cache=True)
     logits = _logits_of(output, use_cache=True)
+    past = _past_of(output)
+    return _decode_steps(model, past, logits[:, -1, :].argmax(dim=-1), suffix_length)
+
+
+def _past_of(output: Any) -> Any:
     past = getattr(output, "past_key_values", None)
     if past is None:
         raise TypeError(
             "greedy_generate(use_cache=True) got no `past_key_values` from the model's output "
             f"({type(output).__name__}); pass use_cache=False for models without a KV cache"
         )
-    next_token = logits[:, -1, :].argmax(dim=-1)
+    return past
+
+
+def _decode_steps(
+    model: Any, past: Any, next_token: torch.Tensor, suffix_length: int
+) -> torch.Tensor:
+    """Greedy tokens ``[B, suffix_length]``: ``next_token`` first, then one cached step each."""
+    tokens = torch.empty(
+        (next_token.shape[0], suffix_length), dtype=torch.long, device=next_token.device
+    )
     tokens[:, 0] = next_token
     for step in range(1, suffix_length):
         output = model(input_ids=next_token[:, None], past_key_values=past, use_cache=True)
@@ -180,6 +194,92 @@ def _decode_cached(model: Any, chunk: torch.Tensor, suffix_length: int) -> torch
         next_token = _logits_of(output, use_cache=True)[:, -1, :].argmax(dim=-1)
         tokens[:, step] = next_token
     return tokens
+
+
+def greedy_generate_with_logits(
+    model: torch.nn.Module,
+    sequences: torch.Tensor,
+    prefix_length: int,
+    batch_size: int = 32,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Greedy continuations of ``sequences[:, :prefix_length]`` *and* the teacher-forced logits
+    of the whole ``sequences``, sharing one KV cache (what the memorization monitor needs for
+    probes that are also membership-inference members).
+
+    Per chunk of ``batch_size`` rows it runs the prefix once (``use_cache=True``; its last logits
+    give the first greedy token), then the true suffix on top of that cache in a single call
+    (teacher forcing: the logits of the whole sequence, as one forward over it would give, up
+    to floating-point rounding), then crops the cache back to the prefix
+    (``past_key_values.crop(-suffix_length)``) and decodes the remaining greedy tokens one by
+    one. Compared with :func:`greedy_generate` plus a separate forward over the sequences, the
+    prefix is run once instead of twice. Models whose cache has no ``crop`` (not a
+    ``transformers`` ``Cache``) get a separate full forward instead; results are the same.
+
+    Args:
+        model: A causal LM taking ``input_ids``, ``past_key_values`` and ``use_cache``, as for
+            :func:`greedy_generate` with ``use_cache=True``.
+        sequences: Integer tensor ``[N, L]``; ``L - prefix_length`` tokens are generated.
+        prefix_length: Context tokens, ``1 <= prefix_length < L``.
+        batch_size: Rows per chunk.
+
+    Yields:
+        ``(start, generated, logits)`` per chunk: ``generated`` LongTensor
+        ``[B, L - prefix_length]`` (greedy tokens for rows ``start .. start + B - 1``) and
+        ``logits`` ``[B, L, V]`` (teacher-forced, position ``t`` predicts token ``t + 1``).
+
+    Example:
+        >>> import torch, transformers
+        >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        ...     max_position_embeddings=128)
+        >>> model = transformers.LlamaForCausalLM(config).eval()
+        >>> seqs = torch.randint(0, 32, (5, 12))
+        >>> for start, generated, logits in greedy_generate_with_logits(
+        ...         model, seqs, prefix_length=8, batch_size=4):
+        ...     print(start, tuple(generated.shape), tuple(logits.shape))
+        0 (4, 4) (4, 12, 32)
+        4 (1, 4) (1, 12, 32)
+    """
+    if not isinstance(sequences, torch.Tensor) or sequences.dim() != 2:
+        raise ValueError(
+            "sequences must be a 2-D integer tensor [N, L], got "
+            f"{tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences)}"
+        )
+    length = sequences.shape[1]
+    _check_int("batch_size", batch_size, 1, "it is the number of rows per forward pass, e.g. 32")
+    if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or not (
+        1 <= prefix_length < length
+    ):
+        raise ValueError(
+            f"prefix_length must be an integer in [1, {length - 1}] for sequences of length "
+            f"{length}, got {prefix_length!r}"
+        )
+    device = sequences.device
+    if isinstance(model, torch.nn.Module):
+        device = _model_device(model, fallback=sequences.device)
+    for start in range(0, sequences.shape[0], batch_size):
+        chunk = sequences[start : start + batch_size].to(device=device, dtype=torch.long)
+        with torch.no_grad():  # not held across the yield: the caller's grad mode is its own
+            generated, logits = _prefill_score_decode(model, chunk, prefix_length)
+        yield start, generated, logits
+
+
+def _prefill_score_decode(
+    model: Any, chunk: torch.Tensor, prefix_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    suffix_length = chunk.shape[1] - prefix_length
+    output = model(input_ids=chunk[:, :prefix_length], use_cache=True)
+    prefix_logits = _logits_of(output, use_cache=True)
+    past = _past_of(output)
+    first = prefix_logits[:, -1, :].argmax(dim=-1)
+    if callable(getattr(past, "crop", None)):
+        output = model(input_ids=chunk[:, prefix_length:], past_key_values=past, use_cache=True)
+        logits = torch.cat([prefix_logits, _logits_of(output, use_cache=True)], dim=1)
+        past = output.past_key_values
+        past.crop(-suffix_length)  # back to the prefix (negative = number of tokens removed)
+    else:
+        logits = _logits_of(model(input_ids=chunk), use_cache=False)
+    return _decode_steps(model, past, first, suffix_length), logits
 
 
 def _decode_uncached(model: Any, chunk: torch.Tensor, suffix_length: int) -> torch.Tensor:

@@ -14,17 +14,20 @@ Hash definition (all arithmetic modulo ``2**64``, ``>>`` a logical shift)::
         z = (z ^ (z >> 27)) * 0x94D049BB133111EB
         return z ^ (z >> 31)
 
-    state = mix64(seed + GAMMA)         # == the first output of splitmix64 seeded with `seed`
-    for j in range(i - h, i):           # oldest to newest
-        if j >= 0 and attention_mask[j]:
-            state = mix64(state + GAMMA + input_ids[j])
-    hash_i = state & (2**63 - 1)        # non-negative 63-bit value
+    s = mix64(seed + GAMMA)             # == the first output of splitmix64 seeded with `seed`
+    K[d] = mix64(d * GAMMA) | 1         # odd key of offset d = 1..h (splitmix64(0) output d)
+    m[j] = mix64(input_ids[j] + s)      # each token mixed with the seed, once per position
+    acc_i = sum(K[d] * m[i - d] for d in 1..h if i - d >= 0 and attention_mask[i - d])
+    hash_i = mix64(acc_i) & (2**63 - 1) # non-negative 63-bit value
     drop_i = (window non-empty) and attention_mask[i] and input_ids[i] not exempt
              and hash_i % k == 0
 
-It is computed with int64 tensor arithmetic only (wrap-around ``+``/``*``, ``^``, ``&`` and an
-arithmetic ``>>`` masked into a logical one), vectorised over ``[B, T]`` with a Python loop
-over the ``h`` offsets only, so CPU and CUDA give the same bits, in every process and run.
+The offset keys make the hash ordered (a token moved to another offset is multiplied by another
+key) and, being odd, invertible: changing one window token always changes ``acc_i``. It is
+computed with int64 tensor arithmetic only (wrap-around ``+``/``*``, ``^``, ``&`` and an
+arithmetic ``>>`` masked into a logical one; the sum is order-free modulo ``2**64``), with a
+fixed number of tensor operations whatever ``h`` (one ``[B, T, h]`` window product built with
+``unfold``), so CPU and CUDA give the same bits, in every process and run.
 
 This module never imports Lightning.
 """
@@ -66,7 +69,7 @@ def _mix64(z: Tensor) -> Tensor:
 
 
 def _mix64_(z: Tensor) -> Tensor:
-    """In-place :func:`_mix64` (fewer allocations in the hot loop); returns ``z``."""
+    """In-place :func:`_mix64` (fewer allocations); returns ``z``."""
     for shift, mul in ((30, _MUL1), (27, _MUL2), (31, None)):
         z ^= _lsr(z, shift)
         if mul is not None:
@@ -172,6 +175,31 @@ def _check_attention_mask(attention_mask: object, input_ids: Tensor) -> Tensor:
     return attention_mask != 0
 
 
+def _py_mix64(z: int) -> int:
+    """splitmix64 finalizer on a Python int (unsigned 64-bit)."""
+    z &= _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+_KEYS_CACHE: dict[tuple[int, str], Tensor] = {}
+
+
+def _offset_keys(h: int, device: torch.device) -> Tensor:
+    """int64 ``[h]``: element ``e`` is ``K[h - e] = mix64((h - e) * GAMMA) | 1``, the odd key of
+    the offset ``d = h - e`` (window element ``e`` holds the token ``d`` positions back)."""
+    cache_key = (h, str(device))
+    keys = _KEYS_CACHE.get(cache_key)
+    if keys is None:
+        values = [_as_int64(_py_mix64(d * (_GAMMA & _MASK64)) | 1) for d in range(h, 0, -1)]
+        keys = torch.tensor(values, dtype=torch.int64, device=device)
+        if len(_KEYS_CACHE) >= 64:
+            _KEYS_CACHE.clear()
+        _KEYS_CACHE[cache_key] = keys
+    return keys
+
+
 def _goldfish_hash(
     input_ids: Tensor, h: int, seed: int, attended: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -189,18 +217,18 @@ def _goldfish_hash(
     """
     b, t = input_ids.shape
     device = input_ids.device
-    init = torch.tensor(_as_int64(_as_int64(seed) + _GAMMA), dtype=torch.int64)
-    state = torch.full((b, t), int(_mix64(init)), dtype=torch.int64, device=device)
-    # Offset d (oldest d = h first): position i >= d folds in token i - d, i.e. the columns
-    # state[:, d:] take input_ids[:, :t - d]. Positions i < d have no token at that offset.
-    for d in range(min(h, t - 1), 0, -1):
-        update = state[:, d:] + _GAMMA
-        update += input_ids[:, : t - d]
-        _mix64_(update)
-        if attended is None:
-            state[:, d:] = update
-        else:
-            state[:, d:] = torch.where(attended[:, : t - d], update, state[:, d:])
+    s = _py_mix64(_as_int64(seed) + _GAMMA)
+    # m[j] = mix64(input_ids[j] + s): one mix per position, shared by the h windows holding it.
+    m = _mix64_(input_ids + _as_int64(s))
+    if attended is not None:
+        m.masked_fill_(~attended, 0)  # padding contributes nothing, like positions before 0
+    # Left-pad with h zeros: window i = padded[i : i + h] holds the tokens at i-h .. i-1
+    # (oldest first), zeros where i - d < 0. The last window (the one after position T-1) is cut.
+    padded = torch.nn.functional.pad(m, (h, 0))
+    windows = padded.unfold(1, h, 1)[:, :t]  # [B, T, h] view, no copy
+    acc = (windows * _offset_keys(h, device)).sum(-1)  # the only [B, T, h] temporary
+    _mix64_(acc)
+    acc &= _MASK63
     positions = torch.arange(t, device=device)
     if attended is None:
         has_context = (positions >= 1).expand(b, t)
@@ -209,7 +237,7 @@ def _goldfish_hash(
         before = torch.nn.functional.pad(attended.to(torch.int64).cumsum(1), (1, 0))
         start = (positions - h).clamp_min(0)
         has_context = (before[:, :t] - before[:, start]) > 0
-    return state & _MASK63, has_context
+    return acc, has_context
 
 
 def goldfish_mask(
@@ -225,10 +253,11 @@ def goldfish_mask(
     Uses the Hugging Face label convention: ``labels`` are aligned with ``input_ids`` and the
     model shifts them, so ``mask[..., i]`` refers to the target token ``input_ids[..., i]``
     predicted from ``input_ids[..., :i]``. The target at position ``i`` is dropped iff an
-    ordered 64-bit hash (splitmix64-style, seeded by ``seed``; see the module docstring and
-    ``docs/goldfish.md``) of the tokens at positions ``i-h .. i-1`` (oldest first) is
-    ``0 mod k``, so about ``1/k`` of the targets are dropped, and the same ``h``-token context
-    always drops the same next token, wherever and however often it occurs.
+    ordered 64-bit hash (splitmix64-mixed tokens weighted by odd per-offset keys, summed and
+    finalized, seeded by ``seed``; see the module docstring and ``docs/goldfish.md``) of the
+    tokens at positions ``i-h .. i-1`` is ``0 mod k``, so about ``1/k`` of the targets are
+    dropped, and the same ``h``-token context always drops the same next token, wherever and
+    however often it occurs.
 
     Rules:
 

@@ -46,7 +46,7 @@ class MembershipInference(Metric):
 
     The scores and member labels are kept in ``cat`` states (so DDP gathers them exactly) and
     :meth:`compute` negates each score (higher = member) and returns, for each ``name``:
-    ``f"{name}/auc"`` (ROC AUC), ``f"{name}/tpr@1%fpr"`` and ``f"{name}/tpr@0.1%fpr"``
+    ``f"{name}/auc"`` (ROC AUC), ``f"{name}/tpr_at_1pct_fpr"`` and ``f"{name}/tpr_at_0.1pct_fpr"``
     (largest TPR over thresholds whose FPR is at most the budget; see
     :func:`antimemo.functional.membership.tpr_at_fpr`). An AUC near 0.5 means the attack cannot
     tell members from non-members.
@@ -174,7 +174,7 @@ class MembershipInference(Metric):
         self.labels.append(labels.to(device=self.device, dtype=self.dtype))
 
     def compute(self) -> dict[str, Tensor]:
-        """Return ``{f"{name}/auc", f"{name}/tpr@1%fpr", f"{name}/tpr@0.1%fpr"}`` per score.
+        """Return ``{f"{name}/auc", f"{name}/tpr_at_1pct_fpr", f"{name}/tpr_at_0.1pct_fpr"}`` per score.
 
         Raises:
             ValueError: if nothing was added, or only members or only non-members were added
@@ -198,6 +198,6 @@ class MembershipInference(Metric):
             state = _cat_state(getattr(self, f"score_{name}"))
             higher_is_member = -state  # type: ignore[operator]
             out[f"{name}/auc"] = roc_auc(higher_is_member, target)
-            out[f"{name}/tpr@1%fpr"] = tpr_at_fpr(higher_is_member, target, 0.01)
-            out[f"{name}/tpr@0.1%fpr"] = tpr_at_fpr(higher_is_member, target, 0.001)
+            out[f"{name}/tpr_at_1pct_fpr"] = tpr_at_fpr(higher_is_member, target, 0.01)
+            out[f"{name}/tpr_at_0.1pct_fpr"] = tpr_at_fpr(higher_is_member, target, 0.001)
         return out
