@@ -487,6 +487,9 @@ class DifferentialPrivacy(pl.Callback):
             )
         self._check_loader(trainer)
         self._pl_module = pl_module
+        # Opacus' backward hooks on the first layer (an embedding, whose input ids need no gradient)
+        # make torch warn at every step; the per-sample gradients are still checked every step.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
         opacus = _import_opacus()  # noqa: F841
         from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
         from opacus.optimizers import DPOptimizer, get_optimizer_class
