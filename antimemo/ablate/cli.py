@@ -1,0 +1,215 @@
+"""The ``antimemo ablate`` verb: sweep config keys over seeds, then tabulate and plot.
+
+::
+
+    antimemo ablate --config recipes/lm_goldfish.yaml --grid goldfish.k=2,4,8,none --seeds 3 \\
+        --out runs/ablation [--jobs 2] [-- --trainer.max_epochs=30]
+
+Arguments after ``--`` are passed to every ``antimemo fit`` run. See ``docs/ablation.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "build_parser", "main", "report", "run"]
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--budgets must be comma-separated numbers, e.g. 0.01,0.05,0.1; got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"--budgets needs at least one number, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``antimemo ablate`` options to ``parser``.
+
+    Example:
+        >>> p = argparse.ArgumentParser(); add_arguments(p)
+        >>> p.parse_args(["--config", "r.yaml", "--grid", "goldfish.k=2,4", "--out", "o"]).seeds
+        1
+    """
+    parser.add_argument("--config", action="append", default=None,
+                        help="recipe YAML (repeatable, as for antimemo fit); required unless --report_only")
+    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                        help="a config key and its values (repeatable: several keys form a product); "
+                             "'none' turns a callback section off, e.g. goldfish.k=2,4,8,none")
+    parser.add_argument("--out", required=True, help="output directory (runs/, results.csv, summary.md, pareto.png)")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per cell (default 1)")
+    parser.add_argument("--seed_start", type=int, default=0, help="first seed value (default 0)")
+    parser.add_argument("--seed_keys", default=None,
+                        help="comma-separated keys set to the seed (default: every seed key of the config: "
+                             "seed_everything, model.seed, data.seed, <callback>.seed)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each its own process (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default cpu_count // jobs)")
+    parser.add_argument("--budgets", type=_floats, default=None,
+                        help="memorization budgets for the best-cell table (default 0.01,0.05,0.1)")
+    parser.add_argument("--memorization", default="exact_match", help="memorization column (default exact_match)")
+    parser.add_argument("--fidelity", default="val_loss", help="fidelity column (default val_loss, the held-out loss)")
+    parser.add_argument("--fidelity_mode", choices=("min", "max"), default="min",
+                        help="min: lower fidelity figure is better (a loss; default); max: higher is better")
+    parser.add_argument("--dry_run", action="store_true", help="validate and print the runs' commands, run nothing")
+    parser.add_argument("--report_only", action="store_true",
+                        help="run nothing: rebuild results.csv, summary.md and pareto.png from OUT")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``antimemo ablate`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="antimemo ablate",
+        description="Train every grid cell x seed as its own 'antimemo fit' run (resumable), then write "
+                    "results.csv, summary.md and pareto.png. Arguments after '--' go to every run.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def report(
+    out: str | Path,
+    memorization: str = "exact_match",
+    fidelity: str = "val_loss",
+    fidelity_mode: str = "min",
+    budgets: Sequence[float] | None = None,
+    quiet: bool = False,
+) -> str:
+    """Write ``results.csv``, ``summary.md`` and ``pareto.png`` for the ablation in ``out`` and
+    return the summary (printed unless ``quiet``).
+
+    Example:
+        >>> print(report("runs/ablation"))  # doctest: +SKIP
+    """
+    from antimemo.ablate.collect import RESULTS_CSV, collect, write_csv
+    from antimemo.ablate.plot import PARETO_PNG, plot_pareto
+    from antimemo.ablate.runner import load_manifest
+    from antimemo.ablate.summary import DEFAULT_BUDGETS, SUMMARY_MD, render_summary, summarize, write_summary
+
+    out = Path(out)
+    info, runs = load_manifest(out)
+    grid_keys = [key for key, _ in info.get("grid", [])]
+    rows = collect(out, runs)
+    write_csv(rows, out / RESULTS_CSV)
+    stats = summarize(rows, grid_keys)
+    notes = [
+        f"Recipe: {', '.join(map(str, info.get('config', [])))}; seeds: {info.get('seeds')}; "
+        f"overrides for every run: {' '.join(info.get('base_overrides', [])) or 'none'}.",
+        f"Mean ± sample std over seeds. Per-run figures: {RESULTS_CSV}; plot: {PARETO_PNG}.",
+    ]
+    text = render_summary(stats, grid_keys, budgets or DEFAULT_BUDGETS, memorization, fidelity, fidelity_mode, notes=notes)
+    write_summary(text, out / SUMMARY_MD)
+    try:
+        plot_pareto(stats, out / PARETO_PNG, memorization, fidelity, fidelity_mode,
+                    title=f"{', '.join(grid_keys) or 'ablation'}: {fidelity} vs {memorization}")
+    except ValueError as err:
+        print(f"antimemo ablate: no plot: {err}", file=sys.stderr)
+    if not quiet:
+        print("\n" + text, flush=True)
+    return text
+
+
+def run(
+    args: argparse.Namespace,
+    overrides: Sequence[str] = (),
+    command: Sequence[str] | None = None,
+    parse: Callable[[Sequence[str]], Any] | None = None,
+    sections: Mapping[str, str] | None = None,
+) -> int:
+    """Run an ablation from parsed arguments.
+
+    Args:
+        args: from :func:`build_parser`.
+        overrides: ``antimemo fit`` arguments for every run (those after ``--``).
+        command: the training command (default ``python -m antimemo.cli fit``).
+        parse: the config parser (default: ``antimemo fit``'s).
+        sections: callback sections (default ``antimemo.cli.CALLBACK_SECTIONS``).
+
+    Returns:
+        0 when every run finished; 1 when some failed; 2 for a bad grid; 130 when interrupted.
+    """
+    from antimemo.ablate.grid import parse_grid
+    from antimemo.ablate.runner import execute, plan_runs, write_manifest
+
+    out = Path(args.out)
+    if args.report_only:
+        report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
+        return 0
+    if not args.config:
+        print("antimemo ablate: --config is required (the recipe to sweep), e.g. --config recipes/lm_goldfish.yaml",
+              file=sys.stderr)
+        return 2
+    try:
+        axes = parse_grid(args.grid)
+        seed_keys = None if args.seed_keys is None else [k.strip() for k in args.seed_keys.split(",") if k.strip()]
+        runs = plan_runs(args.config, axes, out, seeds=args.seeds, seed_start=args.seed_start, seed_keys_=seed_keys,
+                         base_overrides=list(overrides), sections=sections, parse=parse)
+    except ValueError as err:
+        print(f"antimemo ablate: {err}", file=sys.stderr)
+        return 2
+    write_manifest(out, runs, config=args.config, grid=[[a.key, list(a.values)] for a in axes], seeds=args.seeds,
+                   seed_start=args.seed_start, base_overrides=list(overrides))
+    cells = len({r.cell for r in runs})
+    if args.dry_run:
+        from antimemo.ablate.runner import default_command
+
+        prefix = " ".join(command or default_command())
+        for r in runs:
+            print(f"{prefix} {' '.join(r.args)}")
+        print(f"# {len(runs)} runs ({cells} cells x {args.seeds} seeds) in {out}")
+        return 0
+    print(f"antimemo ablate: {len(runs)} runs ({cells} cells x {args.seeds} seeds) in {out}", flush=True)
+    import signal
+
+    def _terminate(signum: int, frame: Any) -> None:  # SIGTERM: stop the children like Ctrl-C does
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    try:
+        outcome = execute(runs, jobs=args.jobs, command=command, threads=args.threads, progress=not args.no_progress)
+    except ValueError as err:
+        print(f"antimemo ablate: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nantimemo ablate: interrupted; finished runs are kept, rerun the same command to resume", file=sys.stderr)
+        report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets, quiet=True)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(f"antimemo ablate: {outcome.finished} finished, {outcome.skipped} already done, {len(outcome.failed)} failed",
+          flush=True)
+    report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
+    return 1 if outcome.failed else 0
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``antimemo ablate`` entry point: ``argv`` without the verb; after ``--``, fit overrides.
+
+    Example:
+        >>> main(["--config", "recipes/lm_goldfish.yaml", "--grid", "goldfish.k=2,none",
+        ...       "--out", "runs/ablation", "--dry_run"])  # doctest: +SKIP
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, overrides = argv[:cut], argv[cut + 1 :]
+    args = build_parser().parse_args(argv)
+    return run(args, overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,399 @@
+"""Plan and run the cells x seeds of an ablation, each as its own ``antimemo fit`` process.
+
+Layout of the output directory ``OUT``::
+
+    OUT/ablation.json                      the plan (config, grid, seeds, every run's arguments)
+    OUT/runs/<cell-id>/seed<S>/report.json the run's report (written only when the run succeeded)
+    OUT/runs/<cell-id>/seed<S>/run.log     the run's stdout and stderr
+    OUT/runs/<cell-id>/seed<S>/failed.json exit code and log tail of a failed attempt
+
+A run is *finished* when its ``report.json`` exists and parses. The child writes its report to
+``report.partial.json`` and the runner renames it to ``report.json`` after the child exited with
+status 0, so a crash or Ctrl-C never leaves a half-written report: rerunning the same command
+skips the finished runs and runs the rest (failed runs are retried).
+
+This module does not import Lightning (the children do).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from antimemo.ablate.grid import (
+    NONE,
+    GridAxis,
+    _get,
+    callback_sections,
+    cell_overrides,
+    expand_grid,
+    parse_fit_args,
+    seed_keys,
+    validate_grid,
+)
+
+__all__ = [
+    "MANIFEST",
+    "PARTIAL_REPORT",
+    "REPORT",
+    "Run",
+    "RunOutcome",
+    "default_command",
+    "execute",
+    "is_finished",
+    "load_manifest",
+    "plan_runs",
+    "write_manifest",
+]
+
+#: File name of the plan inside ``OUT``.
+MANIFEST = "ablation.json"
+#: A finished run's report.
+REPORT = "report.json"
+#: Where the child writes its report (renamed to :data:`REPORT` on success).
+PARTIAL_REPORT = "report.partial.json"
+LOG = "run.log"
+FAILED = "failed.json"
+
+
+@dataclass
+class Run:
+    """One training run: a cell and a seed.
+
+    Attributes:
+        cell: cell id (the directory name).
+        assignment: ``{grid key: value}`` of the cell.
+        seed: the seed value ``S`` (directory ``seed<S>``).
+        dir: the run directory.
+        args: the ``antimemo fit`` arguments (without the command itself).
+    """
+
+    cell: str
+    assignment: dict[str, str]
+    seed: int
+    dir: Path
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def report_path(self) -> Path:
+        return self.dir / REPORT
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cell": self.cell, "assignment": self.assignment, "seed": self.seed, "dir": str(self.dir), "args": self.args}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Run:
+        return cls(str(data["cell"]), dict(data["assignment"]), int(data["seed"]), Path(data["dir"]), list(data["args"]))
+
+
+@dataclass
+class RunOutcome:
+    """Counts of an :func:`execute` call and the failed runs."""
+
+    finished: int = 0
+    skipped: int = 0
+    failed: list[Run] = field(default_factory=list)
+
+
+def default_command() -> list[str]:
+    """``[python, -m, antimemo.cli, fit]`` with this interpreter.
+
+    Example:
+        >>> default_command()[-2:]
+        ['antimemo.cli', 'fit']
+    """
+    return [sys.executable, "-m", "antimemo.cli", "fit"]
+
+
+def plan_runs(
+    config: str | Sequence[str],
+    axes: Sequence[GridAxis],
+    out: str | os.PathLike[str],
+    seeds: int = 1,
+    seed_start: int = 0,
+    seed_keys_: Sequence[str] | None = None,
+    base_overrides: Sequence[str] = (),
+    sections: Mapping[str, str] | None = None,
+    parse: Callable[[Sequence[str]], Any] | None = None,
+    validate: bool = True,
+) -> list[Run]:
+    """Validate the grid and list every run (cells in grid order, seeds innermost).
+
+    Seed ``i`` (``0 <= i < seeds``) uses the value ``S = seed_start + i`` for every seed key of
+    the cell's parsed config (default): ``seed_everything``, ``model.seed``, ``data.seed`` and
+    the ``seed`` of each enabled callback section (goldfish hash, monitor probes, ...), so that
+    seed ``S`` of every cell is reproducible and cells differ only in their grid values. A key
+    set by the grid or by ``base_overrides`` is not overridden. With ``seed_start=0`` and the
+    recipes' seeds (all 0), seed 0 is the recipe as it is.
+
+    Args:
+        config: recipe path(s).
+        axes: the grid (:func:`~antimemo.ablate.grid.parse_grid`).
+        out: output directory.
+        seeds: number of seeds per cell (``>= 1``).
+        seed_start: first seed value.
+        seed_keys_: explicit seed keys (e.g. ``["seed_everything", "model.seed"]``); ``None``:
+            all of the cell's seed keys (see above). Keys of a section that a cell turns off are
+            dropped for that cell.
+        base_overrides: ``antimemo fit`` arguments for every run (e.g. ``--trainer.max_epochs=10``).
+        sections: callback sections (default: ``antimemo.cli.CALLBACK_SECTIONS``).
+        parse: ``parse(args) -> config`` (default: the real ``antimemo fit`` parser).
+        validate: check every key and value (:func:`~antimemo.ablate.grid.validate_grid`) and
+            parse each cell's full arguments.
+
+    Returns:
+        The runs.
+
+    Raises:
+        ValueError: a bad key or value, naming it; ``seeds < 1``.
+
+    Example:
+        >>> runs = plan_runs("recipes/lm_goldfish.yaml", parse_grid(["goldfish.k=2,none"]),
+        ...                  "runs/ablation", seeds=3)  # doctest: +SKIP
+        >>> len(runs), runs[0].dir  # doctest: +SKIP
+        (6, PosixPath('runs/ablation/runs/goldfish.k-2/seed0'))
+    """
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}; --seeds 3 runs every cell with seeds 0, 1, 2")
+    if isinstance(seed_start, bool) or not isinstance(seed_start, int) or seed_start < 0:
+        raise ValueError(f"--seed_start must be an integer >= 0, got {seed_start!r}")
+    sections = callback_sections() if sections is None else dict(sections)
+    parse = parse_fit_args if parse is None else parse
+    configs = [config] if isinstance(config, (str, os.PathLike)) else list(config)
+    head = [arg for c in configs for arg in ("--config", str(c))]
+    base_overrides = list(base_overrides)
+    if validate:
+        base = validate_grid([str(c) for c in configs], axes, base_overrides, sections=sections, parse=parse)
+    else:
+        base = parse([*head, *base_overrides])
+    null_sections = {s for s in sections if _get(base, s) is None}
+    explicit = {a.split("=", 1)[0].lstrip("-") for a in base_overrides if a.startswith("--")}
+    out = Path(out)
+    runs: list[Run] = []
+    for cell in expand_grid(axes):
+        overrides = cell_overrides(cell, sections, null_sections)
+        cell_config = parse([*head, *base_overrides, *overrides]) if (validate or seed_keys_ is None) else base
+        keys = list(seed_keys(cell_config, sections)) if seed_keys_ is None else list(seed_keys_)
+        off = {s for s in sections if _get(cell_config, s) is None}
+        keys = [
+            k
+            for k in keys
+            if k not in explicit and k not in cell.as_dict() and k.split(".", 1)[0] not in off
+            and not (cell.as_dict().get(k.split(".", 1)[0]) == NONE)
+        ]
+        for i in range(seeds):
+            seed = seed_start + i
+            run_dir = out / "runs" / cell.id / f"seed{seed}"
+            args = [
+                *head,
+                "--trainer.enable_progress_bar=false",
+                *base_overrides,
+                *overrides,
+                *(f"--{k}={seed}" for k in keys),
+                f"--trainer.default_root_dir={run_dir}",
+                f"--report_path={run_dir / PARTIAL_REPORT}",
+            ]
+            runs.append(Run(cell.id, cell.as_dict(), seed, run_dir, args))
+    return runs
+
+
+def write_manifest(out: str | os.PathLike[str], runs: Sequence[Run], **info: Any) -> Path:
+    """Write ``OUT/ablation.json``: ``info`` (config, grid, seeds...) and every run.
+
+    Example:
+        >>> write_manifest("runs/ablation", runs, config="recipes/lm_goldfish.yaml")  # doctest: +SKIP
+    """
+    path = Path(out) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {**info, "runs": [r.to_json() for r in runs]}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def load_manifest(out: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Run]]:
+    """Read ``OUT/ablation.json``: ``(info, runs)``.
+
+    Raises:
+        FileNotFoundError: no ablation in ``out``.
+    """
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {str(out)!r}; run 'antimemo ablate --config ... --out {out}' first")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    runs = [Run.from_json(r) for r in data.pop("runs")]
+    return data, runs
+
+
+def is_finished(run: Run) -> bool:
+    """True when the run's ``report.json`` exists and is valid JSON."""
+    try:
+        json.loads(run.report_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])  # the directory holding the antimemo package
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[name] = str(threads)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+def _kill(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
+    """Stop a child and everything it started (it leads its own process group)."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def execute(
+    runs: Sequence[Run],
+    jobs: int = 1,
+    command: Sequence[str] | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+    poll_interval: float = 0.2,
+) -> RunOutcome:
+    """Run every unfinished run, ``jobs`` processes at a time, with an overall progress bar.
+
+    Each child is ``command + run.args`` (default ``python -m antimemo.cli fit ...``), started
+    in its own process group with its stdout and stderr appended to ``<run dir>/run.log`` and
+    ``OMP_NUM_THREADS=threads``. On success (exit status 0 and a report written) the report is
+    renamed to ``report.json``; otherwise ``failed.json`` records the exit status and the log's
+    tail, and the run is retried next time.
+
+    On ``KeyboardInterrupt`` (Ctrl-C) every running child's process group is terminated
+    (SIGTERM, then SIGKILL after 5 s), finished runs are left as they are, and the interrupt is
+    re-raised.
+
+    Args:
+        runs: from :func:`plan_runs` (or :func:`load_manifest`).
+        jobs: parallel processes (``>= 1``).
+        command: the command before the run's arguments (default :func:`default_command`).
+        threads: torch threads per process (default ``max(1, cpu_count // jobs)``).
+        progress: show a ``tqdm`` bar (on stderr).
+        poll_interval: seconds between checks of the running children.
+
+    Returns:
+        A :class:`RunOutcome`.
+
+    Example:
+        >>> outcome = execute(plan_runs(...), jobs=2)  # doctest: +SKIP
+        >>> outcome.finished, outcome.skipped, len(outcome.failed)  # doctest: +SKIP
+        (4, 2, 0)
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be an integer >= 1, got {jobs!r}; --jobs 2 runs two trainings at a time")
+    if threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"--threads must be an integer >= 1, got {threads!r}")
+    command = default_command() if command is None else list(command)
+    env = _child_env(threads)
+    outcome = RunOutcome()
+    pending = []
+    for run in runs:
+        if is_finished(run):
+            outcome.skipped += 1
+        else:
+            pending.append(run)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(runs), initial=outcome.skipped, desc="ablate", unit="run", dynamic_ncols=True)
+    active: list[tuple[subprocess.Popen[Any], Run, Any]] = []
+
+    def start(run: Run) -> None:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        for stale in (run.dir / PARTIAL_REPORT, run.dir / FAILED):
+            stale.unlink(missing_ok=True)
+        log = open(run.dir / LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
+        log.write(f"\n$ {' '.join(command + run.args)}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            command + run.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, start_new_session=True,
+        )
+        active.append((proc, run, log))
+
+    def finish(proc: subprocess.Popen[Any], run: Run, log: Any) -> None:
+        log.close()
+        partial = run.dir / PARTIAL_REPORT
+        ok = proc.returncode == 0 and partial.is_file()
+        if ok:
+            try:
+                json.loads(partial.read_text(encoding="utf-8"))
+            except ValueError:
+                ok = False
+        if ok:
+            os.replace(partial, run.report_path)
+            outcome.finished += 1
+        else:
+            reason = f"exit status {proc.returncode}" if proc.returncode != 0 else f"no valid {PARTIAL_REPORT} written"
+            (run.dir / FAILED).write_text(
+                json.dumps({"returncode": proc.returncode, "reason": reason, "log_tail": _tail(run.dir / LOG)}, indent=2) + "\n",
+                encoding="utf-8",
+            )
+            outcome.failed.append(run)
+            message = f"ablate: run {run.cell}/seed{run.seed} failed ({reason}); log: {run.dir / LOG}"
+            (bar.write(message) if bar is not None else print(message, file=sys.stderr))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(failed=len(outcome.failed), refresh=True)
+
+    queue = list(pending)
+    try:
+        while queue or active:
+            while queue and len(active) < jobs:
+                start(queue.pop(0))
+            time.sleep(poll_interval if active else 0)
+            still = []
+            for proc, run, log in active:
+                if proc.poll() is None:
+                    still.append((proc, run, log))
+                else:
+                    finish(proc, run, log)
+            active[:] = still
+    except BaseException:
+        for proc, _, log in active:
+            _kill(proc)
+            log.close()
+        active.clear()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return outcome
