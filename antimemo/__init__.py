@@ -31,7 +31,13 @@ _LAZY = {
     "SpectralNormPenalty": "antimemo.callbacks.spectral_norm",
     "ExampleTiedDropout": "antimemo.callbacks.example_tied_dropout",
     "WithExampleIds": "antimemo.callbacks.example_tied_dropout",
+    "MemorizationBudget": "antimemo.callbacks.budget",
     "DifferentialPrivacy": "antimemo.callbacks.dp",
+    "ReplicaRate": "antimemo.metrics.replica",
+    "ReplicaMonitor": "antimemo.callbacks.replica_monitor",
+    "ConditioningNoise": "antimemo.callbacks.conditioning",
+    "LabelRandomization": "antimemo.callbacks.conditioning",
+    "ReplicaPenalty": "antimemo.callbacks.replica_penalty",
 }
 
 __all__ = ["__version__", *_LAZY]

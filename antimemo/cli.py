@@ -60,6 +60,12 @@ def _lightning_verb(name: str) -> Callable[[list[str]], int]:
     return run
 
 
+def _ablate_verb(argv: list[str]) -> int:
+    from antimemo.ablate.cli import main as ablate_main
+
+    return ablate_main(argv)
+
+
 def _dedup_verb(argv: list[str]) -> int:
     import argparse
 
@@ -83,6 +89,14 @@ CALLBACK_SECTIONS: dict[str, str] = {
     "spectral_norm": "antimemo.callbacks.spectral_norm.SpectralNormPenalty",
     "example_tied_dropout": "antimemo.callbacks.example_tied_dropout.ExampleTiedDropout",
     "monitor": "antimemo.callbacks.monitor.MemorizationMonitor",
+    "budget": "antimemo.callbacks.budget.MemorizationBudget",
+    # a second monitor, e.g. on the duplicated sequences (probe_dataset: duplicated_dataset)
+    "duplicates_monitor": "antimemo.callbacks.monitor.MemorizationMonitor",
+    # diffusion (recipes/diffusion_ddpm.yaml; docs/diffusion.md)
+    "replica_monitor": "antimemo.callbacks.replica_monitor.ReplicaMonitor",
+    "conditioning_noise": "antimemo.callbacks.conditioning.ConditioningNoise",
+    "label_randomization": "antimemo.callbacks.conditioning.LabelRandomization",
+    "replica_penalty": "antimemo.callbacks.replica_penalty.ReplicaPenalty",
 }
 
 #: Non-null section defaults (the rest default to ``null``).
@@ -104,6 +118,7 @@ VERBS: dict[str, Verb] = {
     "fit": Verb("train a model (LightningCLI), then print and save the memorization report", _lightning_verb("fit")),
     "validate": Verb("run the validation loop (held-out loss) on a model or checkpoint", _lightning_verb("validate")),
     "dedup": Verb("find exact and near duplicates (PATH_OR_RECIPE --out INDEX) and print a summary", _dedup_verb),
+    "ablate": Verb("sweep config keys x seeds (--grid KEY=V1,V2 --seeds N --out DIR): results.csv, summary.md, pareto.png", _ablate_verb),
 }
 
 
@@ -159,6 +174,7 @@ def _build_cli_class() -> type:
             kwargs.setdefault("save_config_kwargs", {"overwrite": True})
             kwargs.setdefault("parser_kwargs", {"description": "antimemo: train with anti-memorization callbacks"})
             self.report: dict[str, Any] | None = None
+            self._unavailable: dict[str, str] = {}  # section -> why its class cannot be imported
             self._argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, tuple, type(None))) else None
             self._fit_start: float | None = None
             self._val_tracker = _ValLossTracker()
@@ -171,7 +187,13 @@ def _build_cli_class() -> type:
                 "data": {"class_path": f"{TextDataModule.__module__}.{TextDataModule.__qualname__}"},
             }
             for name, path in CALLBACK_SECTIONS.items():
-                parser.add_lightning_class_args(_import_class(path), name, subclass_mode=True, required=False)
+                try:
+                    cls = _import_class(path)
+                except ImportError as err:  # an optional extra (e.g. diffusers) is not installed
+                    self._unavailable[name] = f"{path} cannot be imported ({err})"
+                    parser.add_argument(f"--{name}", type=Optional[Any], default=None, help=f"unavailable: {err}")
+                    continue
+                parser.add_lightning_class_args(cls, name, subclass_mode=True, required=False)
                 defaults[name] = _SECTION_DEFAULTS.get(name)
             parser.set_defaults(defaults)
             parser.add_argument(
@@ -183,6 +205,12 @@ def _build_cli_class() -> type:
 
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             """Like ``LightningCLI.instantiate_trainer``, but a ``null`` callback section adds nothing."""
+            for name, why in self._unavailable.items():
+                if self._get(self.config_init, name) is not None:
+                    raise ImportError(
+                        f"the config turns on the {name!r} section, but {why}; install the extra it needs "
+                        "(pip install 'antimemo[all]'), or set it to null"
+                    )
             keys = self._parser(self.subcommand).callback_keys
             extra = [self._get(self.config_init, key) for key in keys]
             extra = [cb for cb in extra if cb is not None]

@@ -43,6 +43,13 @@ _SECTION_KNOBS = (
 )  # fmt: skip
 
 
+#: ReplicaMonitor figures shown in the table (when logged), in this order.
+_REPLICATION_ROWS = (
+    "rate", "p50", "p95", "carlini/rate", "carlini/p95", "dup_match_fraction", "dup_rate", "fid", "vendi",
+    "pairwise_distance", "background/rate", "background/dup_match_fraction", "background/dup_rate",
+)  # fmt: skip
+
+
 def _scalar(value: Any) -> float | None:
     """A float from a Python number or a one-element tensor; ``None`` otherwise."""
     if value is None or isinstance(value, bool):
@@ -241,6 +248,10 @@ def format_report(report: Mapping[str, Any]) -> str:
             value = report["metrics"].get(f"{prefix}/{name}")
             if value is not None:
                 rows.append((f"{prefix}/{name}", _fmt(value)))
+    replication = {k: v for k, v in (report.get("metrics") or {}).items() if k.startswith("replication/")}
+    for name in _REPLICATION_ROWS:  # ReplicaMonitor (diffusion): replicas, fidelity, diversity
+        if f"replication/{name}" in replication:
+            rows.append((f"replication/{name}", _fmt(replication[f"replication/{name}"])))
     mia = {k: v for k, v in (report.get("metrics") or {}).items() if "/mia/" in k and k.endswith("/auc")}
     for key, value in sorted(mia.items()):
         rows.append((f"MIA {key.split('/mia/', 1)[1]}", _fmt(value)))

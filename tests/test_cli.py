@@ -247,3 +247,12 @@ def test_format_report_shows_a_second_monitor():
     out = format_report(report)
     assert "memorization_duplicates/exact_match" in out and "0.7500" in out and "0.8125" in out
     assert "| duplicates_monitor" not in out
+
+
+def test_a_section_whose_extra_is_missing_fails_only_when_used(tmp_path, monkeypatch):
+    from antimemo import cli
+
+    monkeypatch.setitem(cli.CALLBACK_SECTIONS, "fancy", "antimemo_no_such_extra.Fancy")
+    assert "GoldfishTokenDropout" in _callbacks(_parse(tmp_path))  # unused: the recipe still runs
+    with pytest.raises(ImportError, match="turns on the 'fancy' section, but antimemo_no_such_extra.Fancy cannot be imported"):
+        _parse(tmp_path, "--fancy", '{"x": 1}')

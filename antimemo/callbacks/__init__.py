@@ -1,5 +1,7 @@
 """Lightning callbacks: add them to ``Trainer(callbacks=[...])``."""
 
+from antimemo.callbacks.budget import MemorizationBudget
+from antimemo.callbacks.conditioning import ConditioningNoise, LabelRandomization
 from antimemo.callbacks.dedup import DedupSampling
 from antimemo.callbacks.dp import DifferentialPrivacy
 from antimemo.callbacks.goldfish import GOLDFISH_PRETRAINING_PRESET, GoldfishTokenDropout
@@ -12,6 +14,8 @@ from antimemo.callbacks.regularizers import (
     WithExampleIds,
     spectral_norm_weights,
 )
+from antimemo.callbacks.replica_monitor import ReplicaMonitor
+from antimemo.callbacks.replica_penalty import ReplicaPenalty
 
 __all__ = [
     "GOLDFISH_PRETRAINING_PRESET",
@@ -21,8 +25,13 @@ __all__ = [
     "GoldfishTokenDropout",
     "LossFloor",
     "LossTruncation",
+    "MemorizationBudget",
     "MemorizationMonitor",
     "SpectralNormPenalty",
     "WithExampleIds",
+    "ConditioningNoise",
+    "LabelRandomization",
+    "ReplicaMonitor",
+    "ReplicaPenalty",
     "spectral_norm_weights",
 ]

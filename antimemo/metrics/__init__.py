@@ -3,6 +3,8 @@
 - :class:`ExtractableMemorization`: exact / token / near-verbatim match of greedy suffixes.
 - :class:`CanaryExposure`: Secret Sharer exposure of inserted canaries (rank and skew-normal).
 - :class:`MembershipInference`: ROC AUC and TPR@FPR of loss, zlib, Min-K% and Min-K%++ attacks.
+- :class:`ReplicaRate`, :class:`GenerationDiversity`, :class:`FeatureFrechetDistance`: image
+  replication, diversity and fidelity of generated images (diffusion).
 
 The math lives in :mod:`antimemo.functional`; this package never imports Lightning.
 """
@@ -10,5 +12,13 @@ The math lives in :mod:`antimemo.functional`; this package never imports Lightni
 from antimemo.metrics.exposure import CanaryExposure
 from antimemo.metrics.extraction import ExtractableMemorization
 from antimemo.metrics.membership import MembershipInference
+from antimemo.metrics.replica import FeatureFrechetDistance, GenerationDiversity, ReplicaRate
 
-__all__ = ["CanaryExposure", "ExtractableMemorization", "MembershipInference"]
+__all__ = [
+    "CanaryExposure",
+    "ExtractableMemorization",
+    "FeatureFrechetDistance",
+    "GenerationDiversity",
+    "MembershipInference",
+    "ReplicaRate",
+]

@@ -1,0 +1,166 @@
+"""ConditioningNoise and LabelRandomization: exact changes on training batches, none on validation."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+from antimemo import ConditioningNoise, LabelRandomization
+from antimemo.callbacks.conditioning import batch_generator
+from antimemo.diffusion import DiffusionModule, ImageDataset, load_digits_images
+
+X, Y = load_digits_images(8)
+
+
+def tiny():
+    return DiffusionModule(image_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=20, num_inference_steps=2)
+
+
+class Data(pl.LightningDataModule):
+    def train_dataloader(self):
+        return DataLoader(ImageDataset(X[:24], Y[:24]), batch_size=8, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(ImageDataset(X[100:116], Y[100:116]), batch_size=8, shuffle=False)
+
+
+class Recorder(Callback):
+    """Records the class-embedding outputs and the labels the model saw, per stage."""
+
+    def setup(self, trainer, pl_module, stage):
+        self.train_emb, self.val_emb, self.train_labels, self.val_labels = [], [], [], []
+        self._stage = None
+
+        def hook(module, args, output):
+            (self.train_emb if pl_module.training else self.val_emb).append((args[0].clone(), output.detach().clone()))
+
+        # callbacks' setup runs in list order, so this hook runs after ConditioningNoise's and
+        # records the embedding's input (labels) and the output the UNet receives
+        self.handle = pl_module.unet.class_embedding.register_forward_hook(hook)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.train_labels.append(batch["label"].clone())
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.val_labels.append(batch["label"].clone())
+
+    def teardown(self, trainer, pl_module, stage):
+        self.handle.remove()
+
+
+def _fit(callbacks, epochs=1):
+    pl.seed_everything(0)
+    m = tiny()
+    rec = Recorder()
+    trainer = pl.Trainer(
+        max_epochs=epochs, callbacks=[*callbacks, rec], logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(m, datamodule=Data())
+    return m, rec
+
+
+def test_conditioning_noise_adds_exactly_std_times_the_seeded_noise_in_training_only():
+    _, plain = _fit([])
+    _, noisy = _fit([ConditioningNoise(std=0.5, seed=3)])
+    # hooks run in registration order: the recorder (registered after) sees the noised output
+    assert len(noisy.train_emb) == 3
+    for b, ((lab0, out0), (lab1, out1)) in enumerate(zip(plain.train_emb[:1], noisy.train_emb[:1])):
+        g = batch_generator(3, 0, b, 0, 1)
+        eps = torch.randn(out0.shape, generator=g)
+        assert torch.equal(lab0, lab1)
+        assert torch.allclose(out1, out0 + 0.5 * eps, atol=1e-6)
+    # validation embeddings: no noise (the weights differ after training, so compare with a clean forward)
+    m, rec = _fit([ConditioningNoise(std=0.5, seed=3)])
+    for labels, out in rec.val_emb:
+        assert torch.allclose(out, m.unet.class_embedding(labels), atol=1e-6)
+
+
+def test_conditioning_noise_zero_is_plain_training_bit_for_bit():
+    a, _ = _fit([])
+    b, _ = _fit([ConditioningNoise(std=0.0)])
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb), na
+
+
+def test_conditioning_noise_errors():
+    with pytest.raises(ValueError, match="std"):
+        ConditioningNoise(std=-1.0)
+    m = DiffusionModule(image_size=8, num_classes=None, block_out_channels=(8,), norm_num_groups=4)
+    trainer = pl.Trainer(logger=False)
+    with pytest.raises(ValueError, match="unconditional"):
+        ConditioningNoise(std=1.0).setup(trainer, m, "fit")
+    with pytest.raises(AttributeError, match="module_name"):
+        ConditioningNoise(std=1.0, module_name="unet.nope").setup(trainer, tiny(), "fit")
+
+
+def test_label_randomization_replaces_training_labels_at_rate_p_and_never_validation():
+    _, rec = _fit([LabelRandomization(p=1.0, seed=5)], epochs=2)
+    seen = torch.cat(rec.train_labels)
+    orig = Y[:24].repeat(2)
+    # p = 1: every label is a fresh uniform draw, exactly the callback's generator's
+    expected = []
+    for epoch in range(2):
+        for b in range(3):
+            g = batch_generator(5, epoch, b, 0, 2)
+            torch.rand(8, generator=g)
+            expected.append(torch.randint(0, 10, (8,), generator=g))
+    assert torch.equal(seen, torch.cat(expected))
+    assert (seen != orig).float().mean() > 0.6  # about 1 - 1/10 change
+    assert torch.equal(torch.cat(rec.val_labels), Y[100:116].repeat(2))
+    # the embedding saw the replaced labels
+    assert torch.equal(torch.cat([lab for lab, _ in rec.train_emb]), seen)
+
+
+def test_label_randomization_p_zero_and_errors():
+    _, rec = _fit([LabelRandomization(p=0.0)])
+    assert torch.equal(torch.cat(rec.train_labels), Y[:24])
+    with pytest.raises(ValueError, match="probability"):
+        LabelRandomization(p=1.5)
+    cb = LabelRandomization(p=0.5)
+    m = DiffusionModule(image_size=8, num_classes=None, block_out_channels=(8,), norm_num_groups=4)
+    with pytest.raises(ValueError, match="num_classes"):
+        cb.setup(pl.Trainer(logger=False), m, "fit")
+
+
+# ----------------------------------------------------------------------------------- DDP
+
+
+class LabelSaver(Callback):
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.labels = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.labels.append((trainer.current_epoch, batch_idx, batch["label"].clone(), batch["index"].clone()))
+
+    def on_train_end(self, trainer, pl_module):
+        penalty = trainer.callback_metrics.get("train/replica_penalty")
+        torch.save(
+            {"labels": self.labels, "penalty": None if penalty is None else float(penalty)},
+            f"{self.out_dir}/rank{trainer.global_rank}.pt",
+        )
+
+
+@pytest.mark.ddp
+def test_ddp_each_rank_draws_its_own_labels_and_the_penalty_trains(tmp_path):
+    from antimemo import ReplicaPenalty
+
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[LabelRandomization(p=1.0, seed=5), ConditioningNoise(std=0.5), ReplicaPenalty(1.0, -1.0, 0.0),
+                   LabelSaver(str(tmp_path))],
+    )
+    trainer.fit(tiny(), datamodule=Data())
+    for rank in range(2):
+        saved = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert saved["penalty"] is not None and saved["penalty"] > 0
+        for epoch, b, labels, _ in saved["labels"]:
+            g = batch_generator(5, epoch, b, rank, 2)
+            torch.rand(labels.shape, generator=g)
+            assert torch.equal(labels, torch.randint(0, 10, labels.shape, generator=g)), (rank, b)
