@@ -107,7 +107,7 @@ def report(
     write_summary(text, out / SUMMARY_MD)
     try:
         plot_pareto(stats, out / PARETO_PNG, memorization, fidelity, fidelity_mode,
-                    title=f"{', '.join(grid_keys) or 'ablation'}: {fidelity} vs {memorization}")
+                    title=f"{fidelity} vs {memorization}" if len(grid_keys) > 2 else f"{', '.join(grid_keys) or 'ablation'}: {fidelity} vs {memorization}")
     except ValueError as err:
         print(f"antimemo ablate: no plot: {err}", file=sys.stderr)
     if not quiet:

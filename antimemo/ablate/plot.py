@@ -98,7 +98,7 @@ def plot_pareto(
         )
     front = pareto_front(pts, memorization, fidelity, fidelity_mode)
     on_front = {id(s) for s in front}
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
     for s in pts:
         x, y = s.mean[memorization], s.mean[fidelity]
         xe, ye = s.std.get(memorization) or 0.0, s.std.get(fidelity) or 0.0
@@ -125,6 +125,6 @@ def plot_pareto(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -87,7 +87,8 @@ class CellStats:
         """A short label: ``k=2, lr=1e-3`` (last key component = value), or the cell id."""
         if not self.assignment:
             return self.cell
-        return ", ".join(f"{k.rsplit('.', 1)[-1] if '.' in k else k}={v}" for k, v in self.assignment.items())
+        shown = {k: v for k, v in self.assignment.items() if v not in (None, "", "None")}  # key not in this cell's grid
+        return ", ".join(f"{k.rsplit('.', 1)[-1] if '.' in k else k}={v}" for k, v in shown.items()) or self.cell
 
 
 def summarize(rows: Sequence[Mapping[str, Any]], grid_keys: Sequence[str]) -> list[CellStats]:
