@@ -11,6 +11,11 @@ What it measures, in one run, per reference size ``R``:
 - approximate search with FAISS ``IndexHNSWFlat`` (``M=32``, ``efSearch`` 64 and 256) where
   ``R <= --hnsw-max`` (its build is slow on 2 cores): build time, median search time, ratio
   against the torch brute force, and recall@1 against the exact result.
+- approximate search with FAISS ``IndexIVFFlat`` (``nlist = 4 sqrt(R)`` cells, ``--nprobe``
+  cells visited): build time, median search time, ratio against the torch brute force,
+  recall@1 against the exact result on all queries, and *replica recall*: among the queries
+  whose exact top-1 cosine is at least ``--threshold`` (0.5, the SSCD replica threshold), the
+  fraction for which IVF returns the same top-1 (the replica decision needs exactly these).
 - agreement: the exact FAISS and torch neighbours are compared (recall@1 of FAISS against
   torch; ties between equal scores can differ only in index).
 - memory: bytes of the reference matrix, of each index (``faiss.serialize_index`` length) and
@@ -88,6 +93,25 @@ def bench(num_ref: int, args: argparse.Namespace) -> dict:
     row["flat_recall_vs_torch"] = float(same.float().mean())
     half = args.queries // 2
     row["planted_found_flat"] = float((i_f[:half, 0] == src).float().mean())
+    # IVF: k-means cells; a replica lies in one of the few probed cells. "replica recall" counts the
+    # queries whose exact top-1 cosine is >= --threshold (the replica decision) and asks whether
+    # IVF returns the same top-1 for them.
+    replica = st[:, 0] >= args.threshold
+    row["replica_queries"] = int(replica.sum())
+    t = time.perf_counter()
+    ivf = build_faiss_index(ref, "ip", exact=False, kind="ivf", seed=args.seed)
+    row["ivf_build_s"] = round(time.perf_counter() - t, 2)
+    row["ivf_nlist"] = int(ivf.nlist)
+    row["ivf_index_mb"] = round(len(faiss.serialize_index(ivf)) / 2**20, 1)
+    for nprobe in args.nprobe:
+        ivf.nprobe = nprobe
+        ti, (_, i_v) = _median_time(lambda: nearest_neighbors(queries, None, 1, "ip", index=ivf), args.repeats)
+        row[f"ivf_np{nprobe}_search_s"] = round(ti, 4)
+        row[f"speedup_ivf_np{nprobe}_vs_torch"] = round(tt / ti, 1)
+        row[f"ivf_np{nprobe}_recall@1"] = float((i_v[:, 0] == i_t[:, 0]).float().mean())
+        row[f"ivf_np{nprobe}_replica_recall"] = float((i_v[replica, 0] == i_t[replica, 0]).float().mean())
+        row[f"ivf_np{nprobe}_planted_found"] = float((i_v[:half, 0] == src).float().mean())
+    del ivf
     if num_ref <= args.hnsw_max:
         t = time.perf_counter()
         hnsw = build_faiss_index(ref, "ip", exact=False, hnsw_m=32)
@@ -117,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hnsw-max", type=int, default=100_000, help="largest R for which HNSW is built")
     p.add_argument("--threads", type=int, default=None, help="torch and FAISS threads (default: as configured)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nprobe", type=int, nargs="+", default=[8, 32], help="IVF cells probed per query")
+    p.add_argument("--threshold", type=float, default=0.5, help="cosine of a replica (for the IVF replica recall)")
     p.add_argument("--json", type=str, default=None, help="also write the rows here")
     args = p.parse_args(argv)
     import faiss

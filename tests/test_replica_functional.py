@@ -144,3 +144,27 @@ def test_vendi_and_pairwise_distance_by_hand():
     assert math.isclose(float(mean_pairwise_distance(x)), 2 / 3, rel_tol=1e-6)
     assert math.isclose(float(mean_pairwise_distance(x, "l2")), 2 * math.sqrt(2) / 3, rel_tol=1e-6)
     assert math.isnan(float(mean_pairwise_distance(x[:1])))
+
+
+def test_ivf_index_finds_near_copies_and_validates_its_arguments():
+    from antimemo.functional.replica import build_faiss_index, nearest_neighbors
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.nn.functional.normalize(torch.randn(4000, 32, generator=g), dim=1)
+    src = torch.arange(0, 4000, 40)
+    queries = torch.nn.functional.normalize(ref[src] + 0.02 * torch.randn(len(src), 32, generator=g), dim=1)
+    index = build_faiss_index(ref, "ip", exact=False, kind="ivf", nlist=64, nprobe=16)
+    assert (index.nlist, index.nprobe, index.ntotal) == (64, 16, 4000)
+    scores, idx = nearest_neighbors(queries, None, 1, "ip", index=index)
+    exact_scores, exact_idx = nearest_neighbors(queries, ref, 1, "ip", backend="torch")
+    assert torch.equal(exact_idx[:, 0], src)  # the planted source is the true neighbour
+    assert (idx[:, 0] == src).float().mean() >= 0.95  # IVF finds (almost) all of them
+    found = idx[:, 0] == src
+    assert torch.allclose(scores[found, 0], exact_scores[found, 0], atol=1e-5)
+    # the same seed gives the same index (training sample and k-means are seeded)
+    again = build_faiss_index(ref, "ip", exact=False, kind="ivf", nlist=64, nprobe=16)
+    assert torch.equal(nearest_neighbors(queries, None, 1, "ip", index=again)[1], idx)
+    with pytest.raises(ValueError, match="kind must be 'hnsw' or 'ivf'"):
+        build_faiss_index(ref, exact=False, kind="lsh")
+    with pytest.raises(ValueError, match="nlist=5000 exceeds the 4000 reference rows"):
+        build_faiss_index(ref, exact=False, kind="ivf", nlist=5000)

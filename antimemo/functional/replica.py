@@ -293,11 +293,30 @@ def nearest_neighbors(
     return torch.from_numpy(d.astype(np.float32)), torch.from_numpy(i.astype(np.int64))
 
 
-def build_faiss_index(reference: Tensor | np.ndarray, metric: str = "ip", *, exact: bool = True, hnsw_m: int = 32) -> Any:
-    """A FAISS index over ``reference`` rows: ``IndexFlat{IP,L2}`` (exact) or ``IndexHNSWFlat``.
+def build_faiss_index(
+    reference: Tensor | np.ndarray,
+    metric: str = "ip",
+    *,
+    exact: bool = True,
+    hnsw_m: int = 32,
+    kind: str = "hnsw",
+    nlist: int | None = None,
+    nprobe: int = 16,
+    seed: int = 0,
+) -> Any:
+    """A FAISS index over ``reference`` rows: ``IndexFlat{IP,L2}`` (exact), or an approximate
+    ``IndexHNSWFlat`` (``kind="hnsw"``) or ``IndexIVFFlat`` (``kind="ivf"``).
+
+    IVF: ``nlist`` k-means cells (default ``4 * sqrt(R)``, at most ``R // 39``), trained on a
+    seeded random sample of ``min(R, 64 * nlist)`` rows; a search visits the ``nprobe`` nearest
+    cells. It is the fast choice for replica search against large reference sets: a replica is
+    much closer to its source than to anything else, so it falls in one of the few probed cells
+    (see docs/benchmarks.md for its measured recall).
 
     Example:
         >>> build_faiss_index(torch.eye(4)).ntotal
+        4
+        >>> build_faiss_index(torch.randn(2000, 8), exact=False, kind="ivf", nlist=16, nprobe=4).nprobe
         4
     """
     from antimemo.dedup.images import import_faiss
@@ -306,11 +325,26 @@ def build_faiss_index(reference: Tensor | np.ndarray, metric: str = "ip", *, exa
     ref = np.ascontiguousarray(torch.as_tensor(reference).detach().float().cpu().numpy(), dtype=np.float32)
     if ref.ndim != 2 or ref.shape[0] == 0:
         raise ValueError(f"reference must be a non-empty [R, D] array, got shape {ref.shape}")
+    if kind not in ("hnsw", "ivf"):
+        raise ValueError(f"kind must be 'hnsw' or 'ivf' (the approximate index), got {kind!r}")
     fmetric = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+    d = ref.shape[1]
     if exact:
-        index = faiss.IndexFlatIP(ref.shape[1]) if metric == "ip" else faiss.IndexFlatL2(ref.shape[1])
+        index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, _check_int("hnsw_m", hnsw_m, 2, "e.g. 32"), fmetric)
     else:
-        index = faiss.IndexHNSWFlat(ref.shape[1], _check_int("hnsw_m", hnsw_m, 2, "e.g. 32"), fmetric)
+        r = ref.shape[0]
+        if nlist is None:
+            nlist = max(1, min(int(4 * r**0.5), r // 39))
+        nlist = _check_int("nlist", nlist, 1, "e.g. nlist=4 * sqrt(R)")
+        if nlist > r:
+            raise ValueError(f"nlist={nlist} exceeds the {r} reference rows; use nlist <= R (e.g. 4 * sqrt(R))")
+        quantizer = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, fmetric)
+        rows = np.random.default_rng(seed).permutation(r)[: min(r, 64 * nlist)]
+        index.train(ref[np.sort(rows)])
+        index.nprobe = min(_check_int("nprobe", nprobe, 1, "e.g. nprobe=16"), nlist)
     index.add(ref)
     return index
 
