@@ -17,7 +17,8 @@ Measurements, each against its alternative in the same run (interleaved, median)
    wall time: ``plain`` (no antimemo callback), ``goldfish`` (``GoldfishTokenDropout``),
    ``monitor`` (``MemorizationMonitor`` at its default cadence, every epoch, with
    ``holdout="val"``), ``monitor_separate`` (the same with the old separate pass) and
-   ``monitor_recipe`` (the recipe's cadence, ``monitor.every_n_epochs`` in the yaml).
+   ``monitor_recipe`` (the recipe's cadence, ``monitor.every_n_epochs`` in the yaml) and
+   ``monitor_default`` (``MemorizationMonitor()`` with its own defaults: every epoch, no MIA).
    Target: monitor cost <= 10% of training time.
 
 Usage::
@@ -230,6 +231,9 @@ def _fit_once(config: str, model_kw, data_kw, goldfish_kw, monitor_kw, epochs: i
         callbacks.append(
             _separate_pass_monitor_class()(**{"holdout": "val", **monitor_kw, "every_n_epochs": 1})
         )
+    elif config == "monitor_default":  # MemorizationMonitor() as constructed with its own defaults:
+        # 64 probes, batch 32, every epoch, holdout=None (no MIA scoring)
+        callbacks.append(MemorizationMonitor())
     elif config == "monitor_recipe":  # the recipe's cadence (monitor.every_n_epochs in the yaml)
         callbacks.append(MemorizationMonitor(**{"holdout": "val", **monitor_kw}))
     trainer = pl.Trainer(
