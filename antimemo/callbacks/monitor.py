@@ -206,6 +206,24 @@ def _silence_epoch_sync_warning(name: str) -> None:
 # ----------------------------------------------------------------------------------- callback
 
 
+def _evaluation_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
+    """True at the end of a real fitting validation (not the sanity check) of an evaluation epoch."""
+    if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+        return False
+    return (trainer.current_epoch + 1) % every_n_epochs == 0
+
+
+def _log_and_record(monitor: Any, trainer: pl.Trainer, pl_module: pl.LightningModule, results: dict[str, float]) -> None:
+    """Log ``{monitor.log_prefix}/{key}`` for every figure (epoch-level, already synced: the
+    metrics gather across ranks), then keep them in ``monitor.last_results`` and ``monitor.history``."""
+    for key, value in results.items():
+        name = f"{monitor.log_prefix}/{key}"
+        _silence_epoch_sync_warning(name)
+        pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+    monitor.last_results = results
+    monitor.history.append((int(trainer.current_epoch), int(trainer.global_step), dict(results)))
+
+
 class MemorizationMonitor(Callback):
     """Log extractable memorization of a fixed set of training probes at the end of validation.
 
@@ -555,22 +573,14 @@ class MemorizationMonitor(Callback):
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Evaluate and log, unless sanity checking, not fitting, or not an evaluation epoch."""
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return
-        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+        if not _evaluation_due(trainer, self.every_n_epochs):
             return
         if self.probes is None:
             raise RuntimeError(
                 f"{_NAME} has no probes: on_train_start did not run. Pass the callback to the "
                 "Trainer before trainer.fit(...)"
             )
-        results = self._evaluate(trainer, pl_module)
-        for key, value in results.items():
-            name = f"{self.log_prefix}/{key}"
-            _silence_epoch_sync_warning(name)
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
-        self.last_results = results
-        self.history.append((int(trainer.current_epoch), int(trainer.global_step), dict(results)))
+        _log_and_record(self, trainer, pl_module, self._evaluate(trainer, pl_module))
 
     def state_dict(self) -> dict[str, Any]:
         """Probe and MIA indices and the history (plain Python values, ``weights_only``-safe)."""

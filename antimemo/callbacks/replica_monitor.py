@@ -19,15 +19,15 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from antimemo.callbacks.monitor import (
     _cuda_in_use,
+    _evaluation_due,
     _get_rng_state,
+    _log_and_record,
     _module_modes,
     _set_rng_state,
-    _silence_epoch_sync_warning,
 )
 from antimemo.dedup.datasets import dataset_view
 from antimemo.dedup.images import image_content_hash
@@ -312,9 +312,7 @@ class ReplicaMonitor(Callback):
     # ---------------------------------------------------------------------------- evaluate
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Generate, score and log, unless sanity checking, not fitting, or not an evaluation epoch."""
-        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
-            return
-        if (trainer.current_epoch + 1) % self.every_n_epochs != 0:
+        if not _evaluation_due(trainer, self.every_n_epochs):
             return
         if self.reference is None:
             raise RuntimeError(f"{_NAME} has no reference: on_train_start did not run; pass it to the Trainer before fit")
@@ -326,12 +324,7 @@ class ReplicaMonitor(Callback):
             for module, mode in modes:
                 module.training = mode
             _set_rng_state(rng)
-        for key, value in results.items():
-            name = f"{self.log_prefix}/{key}"
-            _silence_epoch_sync_warning(name)
-            pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
-        self.last_results = results
-        self.history.append((int(trainer.current_epoch), int(trainer.global_step), dict(results)))
+        _log_and_record(self, trainer, pl_module, results)
         if self.num_pictures and trainer.is_global_zero and images is not None:
             self._picture(trainer, images, scores, indices)
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from antimemo.functional.regularizers import shifted_sequence_losses
+
 __all__ = [
     "PerSequenceLoss",
     "find_causal_lms",
@@ -86,14 +88,8 @@ def per_sequence_causal_lm_loss(
         if labels.shape != logits.shape[:2]:
             raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:2])}")
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
-    shift_labels = shift_labels.to(logits.device)
-    b, s, v = logits.shape
-    token_loss = F.cross_entropy(
-        logits.float().reshape(b * s, v), shift_labels.reshape(-1), ignore_index=ignore_index, reduction="none"
-    ).view(b, s)
-    counts = (shift_labels != ignore_index).sum(dim=1).clamp(min=1)
-    per_sequence = token_loss.sum(dim=1) / counts
-    loss = per_sequence.mean() if b > 0 else per_sequence.sum()
+    per_sequence, _ = shifted_sequence_losses(logits, shift_labels.to(logits.device), ignore_index)
+    loss = per_sequence.mean() if logits.shape[0] > 0 else per_sequence.sum()
     return loss, per_sequence
 
 

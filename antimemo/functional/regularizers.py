@@ -48,6 +48,7 @@ __all__ = [
     "per_sequence_lm_loss",
     "power_iteration",
     "sequence_flooding_loss",
+    "shifted_sequence_losses",
     "spectral_norm_penalty",
     "truncation_threshold",
 ]
@@ -192,14 +193,31 @@ def per_sequence_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -10
             f"labels has shape {tuple(labels.shape)} but logits has {tuple(logits.shape)}; labels must be "
             "[B, T] with the logits' first two dimensions (unshifted labels, the Hugging Face convention)"
         )
-    b, t, v = logits.shape
     targets = labels[:, 1:].to(device=logits.device, dtype=torch.long)
+    return shifted_sequence_losses(logits[:, :-1], targets, ignore_index)
+
+
+def shifted_sequence_losses(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> tuple[Tensor, Tensor]:
+    """Per-sequence mean cross-entropy of ``logits[b, t]`` against already shifted ``targets[b, t]``.
+
+    The float32 core of :func:`per_sequence_lm_loss` (which shifts Hugging Face labels first) and
+    of :func:`antimemo.dp.per_sequence_causal_lm_loss` (which also takes Hugging Face's
+    ``shift_labels``). No argument checks: callers validate.
+
+    Returns:
+        ``(losses, num_targets)``: float32 ``[B]`` (0 for a sequence without targets) and int64 ``[B]``.
+
+    Example:
+        >>> losses, n = shifted_sequence_losses(torch.zeros(1, 2, 4), torch.tensor([[1, -100]]))
+        >>> round(float(losses[0]), 4), int(n[0])
+        (1.3863, 1)
+    """
+    b, t, v = logits.shape
     ce = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, v), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
-    ).view(b, t - 1)
+        logits.float().reshape(-1, v), targets.reshape(-1), ignore_index=ignore_index, reduction="none"
+    ).view(b, t)
     num_targets = (targets != ignore_index).sum(dim=1)
-    losses = ce.sum(dim=1) / num_targets.clamp_min(1).to(ce.dtype)
-    return losses, num_targets
+    return ce.sum(dim=1) / num_targets.clamp_min(1).to(ce.dtype), num_targets
 
 
 # ---------------------------------------------------------------------------------------------
