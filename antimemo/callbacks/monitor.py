@@ -96,11 +96,24 @@ def _to_ids(item: Any, key: str, where: str) -> Tensor:
     return item.detach().to("cpu", torch.long)
 
 
+def _distinct_suffix_tokens(row: Tensor, suffix_length: int) -> int:
+    """Number of distinct token ids among the last ``suffix_length`` tokens of ``row``."""
+    return int(torch.unique(row[-suffix_length:]).numel())
+
+
 def _draw(
-    dataset: Any, count: int, length: int, seed: int, key: str, what: str
+    dataset: Any,
+    count: int,
+    length: int,
+    seed: int,
+    key: str,
+    what: str,
+    suffix_length: int = 1,
+    min_distinct: int = 1,
 ) -> tuple[list[int], list[Tensor]]:
     """Walk ``randperm(len(dataset))`` (a private generator seeded with ``seed``) and keep the
-    first ``count`` examples with at least ``length`` tokens, cut to ``length``.
+    first ``count`` examples with at least ``length`` tokens whose cut to ``length`` tokens has
+    at least ``min_distinct`` distinct ids in its last ``suffix_length`` tokens.
 
     Returns ``(indices, rows)``. When fewer than ``count`` are returned, the whole dataset was
     scanned, so ``len(indices)`` is the number of eligible examples."""
@@ -110,11 +123,15 @@ def _draw(
     rows: list[Tensor] = []
     for index in order:
         ids = _to_ids(dataset[index], key, f"{what}[{index}]")
-        if ids.numel() >= length:
-            indices.append(index)
-            rows.append(ids[:length])
-            if len(indices) == count:
-                break
+        if ids.numel() < length:
+            continue
+        row = ids[:length]
+        if min_distinct > 1 and _distinct_suffix_tokens(row, suffix_length) < min_distinct:
+            continue
+        indices.append(index)
+        rows.append(row)
+        if len(indices) == count:
+            break
     return indices, rows
 
 
@@ -235,6 +252,14 @@ class MemorizationMonitor(Callback):
     is the first ``prefix_length + suffix_length`` tokens of its example. The global RNG is never
     consumed. Alternatively pass ``probes=`` yourself.
 
+    **Degenerate suffixes.** With ``min_distinct_suffix_tokens=n > 1`` the draw also skips
+    examples whose suffix has fewer than ``n`` distinct token ids: rule lines (``"-----"``),
+    padding-like runs of spaces, table borders. Greedy decoding continues such a run from its
+    prefix whether or not the example was memorized (the "reconstruction" category of Prashanth
+    et al. 2024, *Recite, Reconstruct, Recollect*), so they inflate exact match for any model.
+    The same rule applies to the MIA members and non-members. The default (1) keeps every
+    example; explicit ``probes=`` are never filtered.
+
     **Evaluation.** At ``on_validation_epoch_end`` of every ``every_n_epochs``-th epoch (never in
     the sanity check, only while fitting), the model greedily decodes ``suffix_length`` tokens
     from each prefix (:func:`~antimemo.functional.greedy_generate`, batched, KV cache) and
@@ -302,6 +327,10 @@ class MemorizationMonitor(Callback):
             :class:`~antimemo.lm.TextDataModule` (the distinct duplicated training sequences; use
             a second monitor with another ``log_prefix``). MIA members still come from the
             training dataset.
+        min_distinct_suffix_tokens: Draw only examples whose suffix (the last ``suffix_length``
+            of the probe's tokens) holds at least this many distinct token ids, ``1 <= n <=
+            suffix_length``; 1 (default) keeps every example. The LM recipe uses 8 (a quarter of
+            its 32-byte suffix) to leave out ASCII-table rows and rule lines of its corpus.
 
     Attributes:
         probes: LongTensor ``[N, prefix_length + suffix_length]`` (CPU) once drawn.
@@ -348,6 +377,7 @@ class MemorizationMonitor(Callback):
         log_prefix: str = "memorization",
         use_cache: bool = True,
         probe_dataset: str | None = None,
+        min_distinct_suffix_tokens: int = 1,
     ) -> None:
         super().__init__()
         self.num_probes = _check_int("num_probes", num_probes, 1, "e.g. num_probes=64")
@@ -419,6 +449,18 @@ class MemorizationMonitor(Callback):
                 "e.g. probe_dataset='duplicated_dataset'"
             )
         self.probe_dataset = probe_dataset
+        self.min_distinct_suffix_tokens = _check_int(
+            "min_distinct_suffix_tokens",
+            min_distinct_suffix_tokens,
+            1,
+            "1 keeps every example; e.g. 8 skips suffixes that are runs of a few repeated tokens",
+        )
+        if self.min_distinct_suffix_tokens > self.suffix_length:
+            raise ValueError(
+                f"min_distinct_suffix_tokens={min_distinct_suffix_tokens} can never be met by a suffix "
+                f"of suffix_length={suffix_length} tokens; use a value <= {suffix_length} "
+                "(1 keeps every example)"
+            )
         self.holdout = self._check_holdout(holdout)
 
         self._explicit_probes = probes is not None
@@ -530,13 +572,16 @@ class MemorizationMonitor(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
+        keys: dict[str, Any] = dict(
             log_prefix=self.log_prefix,
             num_probes=self.num_probes,
             prefix_length=self.prefix_length,
             suffix_length=self.suffix_length,
             seed=self.seed,
         )
+        if self.min_distinct_suffix_tokens != 1:  # another draw: keep older checkpoints' keys
+            keys["min_distinct_suffix_tokens"] = self.min_distinct_suffix_tokens
+        return self._generate_state_key(**keys)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the set-up and draw (or restore) the probes and the MIA sequences."""
@@ -646,17 +691,29 @@ class MemorizationMonitor(Callback):
         if self.probe_indices is not None:
             self.probes = _fetch(dataset, self.probe_indices, need, key, "training dataset")
             return
-        indices, rows = _draw(dataset, self.num_probes, need, self.seed, key, "training dataset")
+        indices, rows = _draw(dataset, self.num_probes, need, self.seed, key, "training dataset", *self._filter)
         if len(indices) < self.num_probes:
+            distinct = ""
+            if self.min_distinct_suffix_tokens > 1:
+                distinct = (
+                    f" and at least min_distinct_suffix_tokens={self.min_distinct_suffix_tokens} "
+                    "distinct token ids in their suffix"
+                )
             raise ValueError(
                 f"{_NAME}(num_probes={self.num_probes}) needs {self.num_probes} training examples "
                 f"with at least prefix_length + suffix_length = {self.prefix_length} + "
-                f"{self.suffix_length} = {need} tokens, but only {len(indices)} of the "
-                f"{len(dataset)} training examples are that long; lower num_probes, prefix_length "
-                "or suffix_length, or pass probes="
+                f"{self.suffix_length} = {need} tokens{distinct}, but only {len(indices)} of the "
+                f"{len(dataset)} training examples qualify; lower num_probes, prefix_length, "
+                "suffix_length" + (" or min_distinct_suffix_tokens" if distinct else "")
+                + ", or pass probes="
             )
         self.probe_indices = indices
         self.probes = torch.stack(rows)
+
+    @property
+    def _filter(self) -> tuple[int, int]:
+        """``(suffix_length, min_distinct)`` arguments of :func:`_draw`."""
+        return self.suffix_length, self.min_distinct_suffix_tokens
 
     def _mia_sources(self, trainer: pl.Trainer) -> tuple[Any, Any]:
         if isinstance(self.holdout, Mapping):
@@ -680,9 +737,9 @@ class MemorizationMonitor(Callback):
                 non_members_src, self.mia_non_member_indices, need, key, "MIA non-member"
             )
             return
-        m_idx, m_rows = _draw(members_src, self.num_probes, need, self.seed, key, "MIA member")
+        m_idx, m_rows = _draw(members_src, self.num_probes, need, self.seed, key, "MIA member", *self._filter)
         n_idx, n_rows = _draw(
-            non_members_src, self.num_probes, need, self.seed, key, "MIA non-member"
+            non_members_src, self.num_probes, need, self.seed, key, "MIA non-member", *self._filter
         )
         count = min(len(m_idx), len(n_idx))
         if count == 0:
