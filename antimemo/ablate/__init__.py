@@ -4,7 +4,8 @@
 - :mod:`~antimemo.ablate.runner`: one ``antimemo fit`` process per cell x seed, resumable;
 - :mod:`~antimemo.ablate.collect`: ``results.csv``;
 - :mod:`~antimemo.ablate.summary`: ``summary.md`` (mean ± std, best cell per budget);
-- :mod:`~antimemo.ablate.plot`: ``pareto.png``.
+- :mod:`~antimemo.ablate.plot`: ``pareto.png``;
+- :mod:`~antimemo.ablate.merge`: ``--merge``, several ablation directories as one.
 
 Nothing here imports Lightning at import time. See ``docs/ablation.md``.
 
@@ -16,6 +17,7 @@ Example:
 
 from antimemo.ablate.cli import main, report
 from antimemo.ablate.collect import collect, row_from_report, write_csv
+from antimemo.ablate.merge import merge_ablations
 from antimemo.ablate.grid import Cell, GridAxis, cell_overrides, expand_grid, parse_axis, parse_grid, validate_grid
 from antimemo.ablate.plot import pareto_front, plot_pareto
 from antimemo.ablate.runner import Run, execute, plan_runs
@@ -32,6 +34,7 @@ __all__ = [
     "execute",
     "expand_grid",
     "main",
+    "merge_ablations",
     "pareto_front",
     "parse_axis",
     "parse_grid",

@@ -59,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry_run", action="store_true", help="validate and print the runs' commands, run nothing")
     parser.add_argument("--report_only", action="store_true",
                         help="run nothing: rebuild results.csv, summary.md and pareto.png from OUT")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="run nothing: list the runs of these ablation directories in OUT/ablation.json "
+                             "(runs stay where they are), then write OUT's results.csv, summary.md and pareto.png")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
@@ -103,6 +106,11 @@ def report(
         f"overrides for every run: {' '.join(info.get('base_overrides', [])) or 'none'}.",
         f"Mean ± sample std over seeds. Per-run figures: {RESULTS_CSV}; plot: {PARETO_PNG}.",
     ]
+    if info.get("merged_from"):
+        notes[0] = "Merged from: " + "; ".join(
+            f"{m['out']} ({m['runs']} runs, {m['seeds']} seed(s), overrides: {' '.join(m['base_overrides']) or 'none'})"
+            for m in info["merged_from"]
+        ) + "."
     text = render_summary(stats, grid_keys, budgets or DEFAULT_BUDGETS, memorization, fidelity, fidelity_mode, notes=notes)
     write_summary(text, out / SUMMARY_MD)
     try:
@@ -138,6 +146,19 @@ def run(
     from antimemo.ablate.runner import execute, plan_runs, write_manifest
 
     out = Path(args.out)
+    if args.merge:
+        from antimemo.ablate.merge import merge_ablations
+
+        if args.config or args.grid or args.dry_run:
+            print("antimemo ablate: --merge runs nothing; drop --config, --grid and --dry_run", file=sys.stderr)
+            return 2
+        try:
+            merge_ablations(out, args.merge)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"antimemo ablate: {err}", file=sys.stderr)
+            return 2
+        report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
+        return 0
     if args.report_only:
         report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
         return 0
