@@ -11,7 +11,10 @@ Measurements, each against its alternative in the same run (interleaved, median)
    MIA scoring, ``holdout="val"``) on the recipe model, with the shared teacher-forced pass
    (members = probes) against the separate pass it replaced (``_SeparatePassMonitor``: prefix
    prefill for generation and a separate full forward over the members), in seconds and in
-   training-step equivalents.
+   training-step equivalents; in the same round-robin, the generation that
+   ``MemorizationMonitor()`` does with its own defaults (``greedy_generate``, batch 32, no MIA)
+   and its floor, one teacher-forced forward over every whole probe (what generation would cost
+   if greedy decoding ran at teacher-forced speed).
 3. Whole runs: ``Trainer.fit`` for ``--epochs`` epochs with validation every epoch, the
    configurations of ``--configs`` in interleaved order, ``--reps`` repetitions each, median
    wall time: ``plain`` (no antimemo callback), ``goldfish`` (``GoldfishTokenDropout``),
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -194,12 +198,26 @@ def monitor_level(model_kw, data_kw, monitor_kw, device: torch.device, reps: int
         monitor.on_train_start(trainer, module)
     assert monitors["shared"]._members_are_probes(), "recipe MIA members should be the probes"
     results = {name: m._evaluate(trainer, module) for name, m in monitors.items()}
-    timings = _interleaved_medians(
-        {name: (lambda m=m: m._evaluate(trainer, module)) for name, m in monitors.items()},
-        device,
-        reps,
-        warmup=1,
-    )
+    from antimemo.functional.generation import greedy_generate
+
+    probes = monitors["shared"].probes.to(device)
+    prefix = monitors["shared"].prefix_length
+    default_batch = inspect.signature(MemorizationMonitor).parameters["batch_size"].default
+
+    def generate_default():
+        # what MemorizationMonitor() with its own defaults does per evaluation (no MIA)
+        greedy_generate(module.model, probes[:, :prefix], probes.shape[1] - prefix, batch_size=default_batch)
+
+    def teacher_forced():
+        # the floor: one forward over every whole probe, i.e. generation at teacher-forced speed
+        with torch.no_grad():
+            for start in range(0, probes.shape[0], default_batch):
+                module.model(input_ids=probes[start : start + default_batch], use_cache=False)
+
+    module.eval()
+    fns = {name: (lambda m=m: m._evaluate(trainer, module)) for name, m in monitors.items()}
+    fns.update(generate_default=generate_default, teacher_forced=teacher_forced)
+    timings = _interleaved_medians(fns, device, reps, warmup=1)
     out = {
         "num_probes": int(monitors["shared"].probes.shape[0]),
         "batch_size": monitors["shared"].batch_size,
@@ -208,6 +226,12 @@ def monitor_level(model_kw, data_kw, monitor_kw, device: torch.device, reps: int
         "eval_shared_in_steps": timings["shared"] / step_s,
         "eval_separate_in_steps": timings["separate"] / step_s,
         "steps_per_epoch_for_10pct": timings["shared"] / (0.10 * step_s),
+        "default_batch_size": default_batch,
+        "generate_default_s": timings["generate_default"],
+        "generate_default_in_steps": timings["generate_default"] / step_s,
+        "teacher_forced_s": timings["teacher_forced"],
+        "teacher_forced_in_steps": timings["teacher_forced"] / step_s,
+        "generate_over_teacher_forced": timings["generate_default"] / timings["teacher_forced"],
         "max_abs_result_difference": max(
             abs(results["shared"][key] - results["separate"][key]) for key in results["shared"]
         ),
@@ -324,7 +348,12 @@ def main() -> None:
             f"  shared pass   {m['eval_shared_s']:.3f} s = {m['eval_shared_in_steps']:.1f} training steps\n"
             f"  separate pass {m['eval_separate_s']:.3f} s = {m['eval_separate_in_steps']:.1f} training steps\n"
             f"  every-epoch cost <= 10% needs epochs of >= {m['steps_per_epoch_for_10pct']:.0f} steps; "
-            f"max |result difference| = {m['max_abs_result_difference']:.2e}"
+            f"max |result difference| = {m['max_abs_result_difference']:.2e}\n"
+            f"  MemorizationMonitor() defaults (greedy generation, batch {m['default_batch_size']}, no MIA): "
+            f"{m['generate_default_s']:.3f} s = {m['generate_default_in_steps']:.2f} training steps\n"
+            f"  floor, one teacher-forced forward over every probe: {m['teacher_forced_s']:.3f} s = "
+            f"{m['teacher_forced_in_steps']:.2f} training steps (generation / floor = "
+            f"{m['generate_over_teacher_forced']:.1f}x)"
         )
     if not args.skip_runs:
         configs = [c for c in args.configs.split(",") if c]
