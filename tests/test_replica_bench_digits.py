@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("faiss")
-pytest.importorskip("sklearn")
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "replica_bench.py"
 

@@ -38,7 +38,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "SIMILARITIES",
+    "NprobeCalibration",
     "build_faiss_index",
+    "calibrate_nprobe",
     "carlini_scores",
     "check_images",
     "cosine_similarity_matrix",
@@ -534,3 +536,6 @@ def replica_penalty(
     cos = (p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1)).clamp_min(1e-12)
     active = (sigma.to(p.device) >= min_noise).to(p.dtype)
     return active * torch.relu(cos - threshold)
+
+
+from antimemo.functional.replica_ivf import NprobeCalibration, calibrate_nprobe  # noqa: E402  (re-export)

@@ -73,8 +73,12 @@ class ReplicaRate(Metric):
         embedder: ``nn.Module`` ``[B, C, H, W] -> [B, D]`` for ``"cosine"`` (kept outside the
             metric's state; it runs in eval mode without gradients).
         k, alpha, grid: parameters of ``"carlini"``.
-        exact: ``True``: exhaustive FAISS search; ``False``: HNSW (approximate, for large
-            reference sets).
+        exact: ``True``: exhaustive FAISS search; ``False``: an approximate index for large
+            reference sets, ``index_kind``.
+        index_kind: the approximate index: ``"hnsw"`` (``IndexHNSWFlat``) or ``"ivf"``
+            (``IndexIVFFlat``, ``nlist = 4 sqrt(R)`` cells; choose ``nprobe`` with
+            :func:`~antimemo.functional.replica.calibrate_nprobe` on :attr:`index`).
+        nprobe: IVF cells visited per search (``index_kind="ivf"`` only).
         percentiles: the percentiles reported (as ``p{q}``).
         **kwargs: passed to ``torchmetrics.Metric``.
 
@@ -105,10 +109,14 @@ class ReplicaRate(Metric):
         alpha: float = 0.5,
         grid: Sequence[int] = (4, 4),
         exact: bool = True,
+        index_kind: str = "hnsw",
+        nprobe: int = 16,
         percentiles: Sequence[float] = (50, 95, 99),
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if index_kind not in ("hnsw", "ivf"):
+            raise ValueError(f"index_kind must be 'hnsw' or 'ivf' (the approximate index of exact=False), got {index_kind!r}")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         check_images(reference, "reference")
@@ -132,15 +140,31 @@ class ReplicaRate(Metric):
         self._embedder = (embedder,)  # a tuple: not registered as a submodule, not in state_dict
         self._reference = reference.detach().to("cpu", torch.float32)
         self.reference_shape = tuple(reference.shape[1:])
+        self.index_kind = index_kind
+        approx = {"kind": index_kind, "nprobe": nprobe}
         if similarity == "cosine":
             self._reference_embeddings = embed(self._reference, embedder)
-            self._index = build_faiss_index(self._reference_embeddings, "ip", exact=self.exact)
+            self._index = build_faiss_index(self._reference_embeddings, "ip", exact=self.exact, **approx)
         else:
-            self._index = build_faiss_index(self._reference.flatten(1), "l2", exact=self.exact)
+            self._index = build_faiss_index(self._reference.flatten(1), "l2", exact=self.exact, **approx)
         if similarity == "carlini":  # validate the knobs now rather than at the first update
             carlini_scores(self._reference[:1], self._reference, k, alpha, self.grid, index=self._index)
         self.add_state("scores", default=[], dist_reduce_fx="cat")
         self.add_state("indices", default=[], dist_reduce_fx="cat")
+
+    @property
+    def index(self) -> Any:
+        """The FAISS index searched by :meth:`update` (over the reference embeddings for
+        ``"cosine"``, over the flattened pixels otherwise)."""
+        return self._index
+
+    @property
+    def reference_rows(self) -> Tensor:
+        """The ``[R, D]`` rows :attr:`index` holds, in order (for
+        :func:`~antimemo.functional.replica.calibrate_nprobe`)."""
+        if self.similarity == "cosine":
+            return self._reference_embeddings
+        return self._reference.flatten(1)
 
     @property
     def embedder(self) -> nn.Module | None:
