@@ -93,8 +93,10 @@ def test_conditioning_noise_errors():
     trainer = pl.Trainer(logger=False)
     with pytest.raises(ValueError, match="unconditional"):
         ConditioningNoise(std=1.0).setup(trainer, m, "fit")
-    with pytest.raises(AttributeError, match="module_name"):
+    with pytest.raises(ValueError, match=r"ConditioningNoise: .* no submodule 'unet.nope' \(module_name\).*'unet.class_embedding'"):
         ConditioningNoise(std=1.0, module_name="unet.nope").setup(trainer, tiny(), "fit")
+    with pytest.raises(ValueError, match=r"no submodule 'lr' \(module_name\).*is not an nn.Module"):
+        ConditioningNoise(std=1.0, module_name="lr").setup(trainer, tiny(), "fit")
 
 
 def test_label_randomization_replaces_training_labels_at_rate_p_and_never_validation():

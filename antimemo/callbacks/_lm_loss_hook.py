@@ -24,18 +24,24 @@ from antimemo.functional.goldfish import _is_int
 from antimemo.functional.regularizers import per_sequence_lm_loss
 
 
-def resolve_module(pl_module: nn.Module, module_name: str, owner: str) -> nn.Module:
-    """``pl_module.get_submodule(module_name)`` (``""`` = ``pl_module``) with a helpful error."""
+_HF_MODEL_HINT = (
+    "Pass module_name=... naming your Hugging Face model (e.g. module_name='model' when the "
+    "LightningModule holds it as self.model)"
+)
+
+
+def resolve_module(pl_module: nn.Module, module_name: str, owner: str, hint: str = _HF_MODEL_HINT) -> nn.Module:
+    """``pl_module.get_submodule(module_name)`` (``""`` = ``pl_module``; dotted paths allowed)
+    with a ``ValueError`` that names the argument, the LightningModule's children and ``hint``."""
     if module_name == "":
         return pl_module
     try:
         return pl_module.get_submodule(module_name)
-    except AttributeError:
+    except AttributeError as err:
         children = [name for name, _ in pl_module.named_children()]
         raise ValueError(
             f"{owner}: the LightningModule {type(pl_module).__name__} has no submodule {module_name!r} "
-            f"(module_name); its children are {children}. Pass module_name=... naming your Hugging Face "
-            "model (e.g. module_name='model' when the LightningModule holds it as self.model)"
+            f"(module_name); its children are {children} ({err}). {hint}"
         ) from None
 
 

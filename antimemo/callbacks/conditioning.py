@@ -27,7 +27,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from antimemo.callbacks._lm_loss_hook import resolve_module
+
 __all__ = ["ConditioningNoise", "LabelRandomization", "batch_generator"]
+
+_CONDITIONING_HINT = (
+    "Set module_name to the module whose output is the conditioning embedding, e.g. "
+    "'unet.class_embedding' or 'text_encoder'"
+)
 
 
 def batch_generator(seed: int, epoch: int, batch_idx: int, rank: int, salt: int) -> torch.Generator:
@@ -42,20 +49,6 @@ def batch_generator(seed: int, epoch: int, batch_idx: int, rank: int, salt: int)
         x = (x ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return torch.Generator().manual_seed(x & 0x7FFFFFFFFFFFFFFF)
-
-
-def _resolve(root: nn.Module, path: str) -> nn.Module:
-    module: Any = root
-    for part in path.split("."):
-        if not hasattr(module, part):
-            raise AttributeError(
-                f"the LightningModule has no submodule {path!r} (missing {part!r}); set module_name to the module whose "
-                "output is the conditioning embedding, e.g. 'unet.class_embedding' or 'text_encoder'"
-            )
-        module = getattr(module, part)
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"{path!r} is a {type(module).__name__}, not an nn.Module")
-    return module
 
 
 class ConditioningNoise(Callback):
@@ -102,7 +95,7 @@ class ConditioningNoise(Callback):
                 "ConditioningNoise needs a conditional model: pl_module.unet.class_embedding is None (an unconditional "
                 "UNet2DModel); build DiffusionModule(num_classes=...) or set module_name"
             )
-        module = _resolve(pl_module, self.module_name)
+        module = resolve_module(pl_module, self.module_name, type(self).__name__, hint=_CONDITIONING_HINT)
         self._remove()
         self._handle = module.register_forward_hook(self._hook)
 
