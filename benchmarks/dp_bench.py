@@ -133,7 +133,7 @@ def main() -> None:
     }
     print("\nmodel:", cfg["model"], "\ndata:", {k: cfg["data"].get(k) for k in ("seq_len", "batch_size", "num_train")})
     print("machine:", machine)
-    print(f"\n| mode | median step (ms) | ratio vs plain |\n|---|---|---|")
+    print("\n| mode | median step (ms) | ratio vs plain |\n|---|---|---|")
     for m, t in summary.items():
         ratio = t / summary["plain"] if "plain" in summary else float("nan")
         print(f"| {m} | {t * 1e3:.2f} | {ratio:.2f} |")

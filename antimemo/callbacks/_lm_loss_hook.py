@@ -20,6 +20,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from antimemo.callbacks._fit_handle import FitHandle
 from antimemo.functional.goldfish import _is_int
 from antimemo.functional.regularizers import per_sequence_lm_loss
 
@@ -51,7 +52,7 @@ def check_key(name: str, value: object) -> str:
     return value
 
 
-class SequenceLossCallback(pl.Callback):
+class SequenceLossCallback(FitHandle):
     """Base class: replace the HF model's training ``loss`` by a reduction of per-sequence losses.
 
     Subclasses implement :meth:`_enabled` (False = leave the loss untouched, bit for bit) and
@@ -100,7 +101,7 @@ class SequenceLossCallback(pl.Callback):
                     "Use one of them per run"
                 )
         model = resolve_module(pl_module, self.module_name, name)
-        self._remove_hook()
+        self._remove_handle()
         self._model = model
         try:
             self._signature = inspect.signature(model.forward)
@@ -108,15 +109,6 @@ class SequenceLossCallback(pl.Callback):
             self._signature = None
         self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the forward hook."""
-        if stage == "fit":
-            self._remove_hook()
-
-    def _remove_hook(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -27,6 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from antimemo.callbacks._fit_handle import FitHandle
 from antimemo.callbacks._lm_loss_hook import resolve_module
 
 __all__ = ["ConditioningNoise", "LabelRandomization", "batch_generator"]
@@ -51,7 +52,7 @@ def batch_generator(seed: int, epoch: int, batch_idx: int, rank: int, salt: int)
     return torch.Generator().manual_seed(x & 0x7FFFFFFFFFFFFFFF)
 
 
-class ConditioningNoise(Callback):
+class ConditioningNoise(FitHandle):
     """Add Gaussian noise to the conditioning embedding during training (Somepalli et al.'s GN).
 
     A forward hook on ``pl_module.<module_name>`` returns ``output + std * eps`` with
@@ -96,18 +97,8 @@ class ConditioningNoise(Callback):
                 "UNet2DModel); build DiffusionModule(num_classes=...) or set module_name"
             )
         module = resolve_module(pl_module, self.module_name, type(self).__name__, hint=_CONDITIONING_HINT)
-        self._remove()
+        self._remove_handle()
         self._handle = module.register_forward_hook(self._hook)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the hook."""
-        if stage == "fit":
-            self._remove()
-
-    def _remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Activate the hook for this training batch."""

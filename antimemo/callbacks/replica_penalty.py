@@ -26,15 +26,15 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from antimemo.callbacks._fit_handle import FitHandle
 from antimemo.functional.replica import replica_penalty
 
 __all__ = ["ReplicaPenalty"]
 
 
-class ReplicaPenalty(Callback):
+class ReplicaPenalty(FitHandle):
     """Add the replica penalty to a :class:`~antimemo.diffusion.DiffusionModule`'s training loss.
 
     Args:
@@ -76,19 +76,9 @@ class ReplicaPenalty(Callback):
                 f"{type(pl_module).__name__} has none. With your own module, add "
                 "strength * antimemo.functional.replica.replica_penalty(pred_x0, x0, sigma).mean() to the loss"
             )
-        self._remove()
+        self._remove_handle()
         if self.strength > 0:
             self._handle = pl_module.add_loss_term(self.name, self.term)
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Unregister the loss term."""
-        if stage == "fit":
-            self._remove()
-
-    def _remove(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
 
     def term(self, step: Any) -> Tensor:
         """``strength * mean(replica_penalty(step.pred_x0, step.x0, step.sigma, threshold, min_noise))``."""
