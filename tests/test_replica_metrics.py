@@ -136,6 +136,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ivf_rate() -> ReplicaRate:
+    """An approximate (IVF, 10 cells, 2 probed) metric over 400 images whose first 30 are ``_ref()``."""
+    return ReplicaRate(_ref(400), "cosine", threshold=0.9, exact=False, index_kind="ivf", nprobe=2)
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -143,12 +148,18 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.set_num_threads(1)
         ref, gen = _ref(), _generated()
         rate = ReplicaRate(ref, "cosine", threshold=0.9)
+        ivf = _ivf_rate()  # each rank builds its own seeded IVF index: identical ones
         div = GenerationDiversity()
         shard = gen[:7] if rank == 0 else gen[7:]  # uneven shards: 7 and 2
         rate.update(shard)
+        ivf.update(shard)
         div.update(shard)
-        out, d = rate.compute(), div.compute()
-        torch.save((rank, {k: v.clone() for k, v in out.items()}, {k: float(v) for k, v in d.items()}), f"{out_dir}/rank{rank}.pt")
+        out, d, out_ivf = rate.compute(), div.compute(), ivf.compute()
+        torch.save(
+            (rank, {k: v.clone() for k, v in out.items()}, {k: float(v) for k, v in d.items()},
+             {k: v.clone() for k, v in out_ivf.items()}),
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -163,7 +174,13 @@ def test_ddp_union_equals_single_process(tmp_path):
     div = GenerationDiversity()
     div.update(_generated())
     expect_div = div.compute()
-    for rank, out, d in results:
+    single_ivf = _ivf_rate()
+    single_ivf.update(_generated())
+    expect_ivf = single_ivf.compute()
+    assert single_ivf.index.nlist == 10 and float(expect_ivf["rate"]) > 0
+    for rank, out, d, out_ivf in results:
+        assert torch.equal(out_ivf["indices"], expect_ivf["indices"]), rank
+        assert torch.equal(out_ivf["scores"], expect_ivf["scores"]), rank
         assert torch.equal(out["indices"], expect["indices"]), rank
         for key in ("rate", "p50", "p95", "p99", "mean"):
             assert math.isclose(float(out[key]), float(expect[key]), rel_tol=1e-6), (rank, key)
