@@ -6,25 +6,12 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader
 
 from antimemo import ConditioningNoise, LabelRandomization
 from antimemo.callbacks.conditioning import batch_generator
-from antimemo.diffusion import DiffusionModule, ImageDataset, load_digits_images
+from antimemo.diffusion import DiffusionModule
 
-X, Y = load_digits_images(8)
-
-
-def tiny():
-    return DiffusionModule(image_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=20, num_inference_steps=2)
-
-
-class Data(pl.LightningDataModule):
-    def train_dataloader(self):
-        return DataLoader(ImageDataset(X[:24], Y[:24]), batch_size=8, shuffle=False)
-
-    def val_dataloader(self):
-        return DataLoader(ImageDataset(X[100:116], Y[100:116]), batch_size=8, shuffle=False)
+from _tiny_diffusion import Y, Data, tiny  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 
 class Recorder(Callback):
