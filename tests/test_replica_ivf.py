@@ -71,6 +71,8 @@ def test_errors_name_the_problem():
         calibrate_nprobe(ivf, queries, ref, threshold=0.9, target_recall=0)
     with pytest.raises(ValueError, match="candidates must be increasing distinct integers in \\[1, nlist=16\\]"):
         calibrate_nprobe(ivf, queries, ref, threshold=0.9, candidates=[4, 2])
+    with pytest.raises(ValueError, match="candidates must be increasing distinct integers"):
+        calibrate_nprobe(ivf, queries, ref, threshold=0.9, candidates=[1, 2.5])
     with pytest.raises(ValueError, match="reference has 10 rows but the index holds"):
         calibrate_nprobe(ivf, queries, ref[:10], threshold=0.9)
     with pytest.raises(ValueError, match=r"queries must be a 2-D float array \[N, 16\]"):

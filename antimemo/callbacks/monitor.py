@@ -329,8 +329,9 @@ class MemorizationMonitor(Callback):
             training dataset.
         min_distinct_suffix_tokens: Draw only examples whose suffix (the last ``suffix_length``
             of the probe's tokens) holds at least this many distinct token ids, ``1 <= n <=
-            suffix_length``; 1 (default) keeps every example. The LM recipe uses 8 (a quarter of
-            its 32-byte suffix) to leave out ASCII-table rows and rule lines of its corpus.
+            suffix_length``; 1 (default) keeps every example. docs/results.md measures goldfish with 8
+            (``--monitor.min_distinct_suffix_tokens 8``, a quarter of the recipe's 32-byte
+            suffix), which leaves out the ASCII-table rows and rule lines of its corpus.
 
     Attributes:
         probes: LongTensor ``[N, prefix_length + suffix_length]`` (CPU) once drawn.
@@ -691,7 +692,7 @@ class MemorizationMonitor(Callback):
         if self.probe_indices is not None:
             self.probes = _fetch(dataset, self.probe_indices, need, key, "training dataset")
             return
-        indices, rows = _draw(dataset, self.num_probes, need, self.seed, key, "training dataset", *self._filter)
+        indices, rows = _draw(dataset, self.num_probes, need, self.seed, key, "training dataset", **self._filter)
         if len(indices) < self.num_probes:
             distinct = ""
             if self.min_distinct_suffix_tokens > 1:
@@ -711,9 +712,9 @@ class MemorizationMonitor(Callback):
         self.probes = torch.stack(rows)
 
     @property
-    def _filter(self) -> tuple[int, int]:
-        """``(suffix_length, min_distinct)`` arguments of :func:`_draw`."""
-        return self.suffix_length, self.min_distinct_suffix_tokens
+    def _filter(self) -> dict[str, int]:
+        """The probe filter's keyword arguments of :func:`_draw` (used by every draw alike)."""
+        return {"suffix_length": self.suffix_length, "min_distinct": self.min_distinct_suffix_tokens}
 
     def _mia_sources(self, trainer: pl.Trainer) -> tuple[Any, Any]:
         if isinstance(self.holdout, Mapping):
@@ -737,9 +738,9 @@ class MemorizationMonitor(Callback):
                 non_members_src, self.mia_non_member_indices, need, key, "MIA non-member"
             )
             return
-        m_idx, m_rows = _draw(members_src, self.num_probes, need, self.seed, key, "MIA member", *self._filter)
+        m_idx, m_rows = _draw(members_src, self.num_probes, need, self.seed, key, "MIA member", **self._filter)
         n_idx, n_rows = _draw(
-            non_members_src, self.num_probes, need, self.seed, key, "MIA non-member", *self._filter
+            non_members_src, self.num_probes, need, self.seed, key, "MIA non-member", **self._filter
         )
         count = min(len(m_idx), len(n_idx))
         if count == 0:

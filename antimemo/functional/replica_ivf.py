@@ -126,11 +126,13 @@ def calibrate_nprobe(
             p *= 2
         values.append(nlist)
     else:
-        values = [int(c) for c in candidates]
-        if not values or any(isinstance(c, bool) or not 1 <= c <= nlist for c in candidates) or values != sorted(set(values)):
+        values = list(candidates)
+        valid = all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) and 1 <= c <= nlist for c in values)
+        if not values or not valid or values != sorted(set(values)):
             raise ValueError(
                 f"candidates must be increasing distinct integers in [1, nlist={nlist}], got {list(candidates)!r}"
             )
+        values = [int(c) for c in values]
     inner = index.metric_type == faiss.METRIC_INNER_PRODUCT
     flat = faiss.IndexFlatIP(index.d) if inner else faiss.IndexFlatL2(index.d)
     flat.add(ref)
