@@ -3,6 +3,7 @@
 import posixpath
 import random
 import re
+import warnings
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -654,3 +655,43 @@ def test_error_when_no_holdout_example_is_long_enough():
     match = "found 2 member and 0 non-member examples with at least .* 16 tokens"
     with pytest.raises(ValueError, match=match):
         monitor.on_train_start(_fake_trainer(TRAIN), TinyLM())
+
+
+# ----------------------------------------------------------------------------- cost report
+
+
+class _SteppingClock:
+    """Fake clock for the monitor's cost report: its first reading is the fit's start; after it
+    readings alternate between an evaluation's start (``train`` seconds later) and its end
+    (``evaluation`` seconds later), whatever the real durations."""
+
+    def __init__(self, train, evaluation):
+        self.now, self.calls, self.train, self.evaluation = 0.0, 0, train, evaluation
+
+    def __call__(self):
+        if self.calls:
+            self.now += self.train if self.calls % 2 else self.evaluation
+        self.calls += 1
+        return self.now
+
+
+@pytest.mark.parametrize("evaluation, warns", [(5.0, True), (0.5, False)])
+def test_monitor_warns_once_when_evaluations_cost_more_than_a_tenth_of_the_fit(evaluation, warns):
+    monitor = MemorizationMonitor(num_probes=4, prefix_length=P, suffix_length=S, every_n_epochs=2)
+    monitor._cost.clock = _SteppingClock(train=10.0, evaluation=evaluation)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _fit(TinyLM(), [monitor], max_epochs=6)
+    messages = [str(w.message) for w in record if "one evaluation took" in str(w.message)]
+    assert len(messages) == (1 if warns else 0)  # three evaluations, one report at most
+    if warns:
+        assert f"took {evaluation:.2f} s, 50% of the 10.00 s" in messages[0]
+        assert "(every_n_epochs=2)" in messages[0] and "set every_n_epochs=10" in messages[0]
+    assert monitor.evaluation_seconds == [evaluation] * 3
+
+
+def test_evaluation_seconds_are_real_wall_times():
+    monitor = MemorizationMonitor(num_probes=4, prefix_length=P, suffix_length=S)
+    _fit(TinyLM(), [monitor], max_epochs=2)
+    assert len(monitor.evaluation_seconds) == 2
+    assert all(0.0 < s < 60.0 for s in monitor.evaluation_seconds)

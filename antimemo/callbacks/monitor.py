@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from antimemo.callbacks._monitor_cost import EvaluationCost
 from antimemo.functional.generation import greedy_generate, greedy_generate_with_logits
 from antimemo.functional.membership import token_logprob_stats
 from antimemo.metrics.extraction import ExtractableMemorization
@@ -290,7 +291,11 @@ class MemorizationMonitor(Callback):
     CUDA when initialized, Python ``random``, NumPy) are restored after each evaluation, which
     runs under ``torch.inference_mode()``.
 
-    **Cost.** When the MIA members are exactly the probes (the default draw with ``holdout``),
+    **Cost.** An evaluation costs a fixed amount of decoding (about 4 training steps for the LM
+    recipe's model at the defaults), so its share of training time depends on the epoch length.
+    The callback times every evaluation (``evaluation_seconds``) and warns once per fit, naming the
+    ``every_n_epochs`` that would do, when one takes more than 10% of the fit time since the
+    previous one. When the MIA members are exactly the probes (the default draw with ``holdout``),
     one teacher-forced pass per batch serves both: the prefix is run once with the KV cache,
     the true suffix on top of it gives the member log-probs, the cache is cropped back to the
     prefix and greedy decoding continues
@@ -341,6 +346,7 @@ class MemorizationMonitor(Callback):
         last_results: Floats of the last evaluation, keyed without ``log_prefix``
             (``"exact_match"``, ``"mia/loss/auc"``, ...).
         history: List of ``(epoch, global_step, results)`` tuples, one per evaluation.
+        evaluation_seconds: Wall time of each evaluation in seconds (not checkpointed).
 
     Raises:
         ValueError / TypeError: at construction, for an invalid argument; at ``on_train_start``,
@@ -473,6 +479,12 @@ class MemorizationMonitor(Callback):
         self._mia_non_members: Tensor | None = None
         self.last_results: dict[str, float] = {}
         self.history: list[tuple[int, int, dict[str, float]]] = []
+        self._cost = EvaluationCost(_NAME, self.every_n_epochs)
+
+    @property
+    def evaluation_seconds(self) -> list[float]:
+        """Wall time of every evaluation of this callback object, in seconds (not checkpointed)."""
+        return self._cost.seconds
 
     # -------------------------------------------------------------------- argument checks
 
@@ -616,6 +628,7 @@ class MemorizationMonitor(Callback):
                 f"{_NAME} has {self.probes.shape[0]} probes for {trainer.world_size} processes; "
                 f"every rank needs at least one probe: use num_probes >= {trainer.world_size}"
             )
+        self._cost.start()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Evaluate and log, unless sanity checking, not fitting, or not an evaluation epoch."""
@@ -626,7 +639,11 @@ class MemorizationMonitor(Callback):
                 f"{_NAME} has no probes: on_train_start did not run. Pass the callback to the "
                 "Trainer before trainer.fit(...)"
             )
+        began = self._cost.clock()
         _log_and_record(self, trainer, pl_module, self._evaluate(trainer, pl_module))
+        message = self._cost.evaluated(began)
+        if message is not None:
+            rank_zero_warn(message, category=UserWarning)
 
     def state_dict(self) -> dict[str, Any]:
         """Probe and MIA indices and the history (plain Python values, ``weights_only``-safe)."""

@@ -1,0 +1,105 @@
+"""Wall-time cost of a monitor's evaluations against the rest of the fit.
+
+A memorization evaluation costs a fixed amount of work (greedy decoding of every probe), so its
+share of training time depends on how much training happens between evaluations: with the
+recipe's model, one ``MemorizationMonitor()`` evaluation costs about 4 training steps, which is
+20% of a 16-step epoch and 1% of a 446-step one (docs/benchmarks.md). :class:`EvaluationCost`
+times each evaluation and the fit time since the previous one, so that the monitor can say, once
+per fit, when it takes more than ``budget`` of the fit and which ``every_n_epochs`` would not.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+__all__ = ["EvaluationCost", "cost_warning"]
+
+DEFAULT_BUDGET = 0.10
+
+
+def cost_warning(
+    name: str, seconds: float, other_seconds: float, every_n_epochs: int, budget: float = DEFAULT_BUDGET
+) -> str | None:
+    """The warning text when an evaluation of ``seconds`` exceeds ``budget`` of the
+    ``other_seconds`` the fit spent outside the monitor since its previous evaluation, else None.
+
+    The suggested ``every_n_epochs`` assumes epochs of equal length: spacing evaluations ``f``
+    times further apart divides their share by ``f``.
+
+    Example:
+        >>> cost_warning("MemorizationMonitor", 0.1, 10.0, every_n_epochs=1) is None
+        True
+        >>> print(cost_warning("MemorizationMonitor", 0.4, 2.0, every_n_epochs=1))  # doctest: +ELLIPSIS
+        MemorizationMonitor: one evaluation took 0.40 s, 20% of the 2.00 s ... set every_n_epochs=2, ...
+    """
+    if other_seconds <= 0.0:
+        return None
+    share = seconds / other_seconds
+    if share <= budget:
+        return None
+    suggested = math.ceil(every_n_epochs * share / budget - 1e-9)
+    return (
+        f"{name}: one evaluation took {seconds:.2f} s, {share:.0%} of the {other_seconds:.2f} s the "
+        f"fit spent since the previous one (every_n_epochs={every_n_epochs}). To keep the monitor "
+        f"under {budget:.0%} of training time, set every_n_epochs={suggested}, or use fewer probes "
+        "(num_probes) or a larger batch_size. An evaluation costs a fixed number of training steps "
+        "(about 4 for the LM recipe's model), so short epochs make it expensive; see "
+        "docs/monitor.md, 'Cost'. This is reported once per fit."
+    )
+
+
+class EvaluationCost:
+    """Times evaluations and the fit time between them; see :func:`cost_warning`.
+
+    Call :meth:`start` when the fit starts, then :meth:`evaluated` after each evaluation with the
+    clock reading taken just before it. ``seconds`` lists every evaluation's wall time.
+
+    Example:
+        >>> ticks = iter([0.0, 10.0, 10.5, 20.5, 22.5])
+        >>> cost = EvaluationCost("Monitor", every_n_epochs=1, clock=lambda: next(ticks))
+        >>> cost.start()
+        >>> began = cost.clock()
+        >>> cost.evaluated(began) is None          # 0.5 s against 10 s: 5%
+        True
+        >>> began = cost.clock()
+        >>> cost.evaluated(began)[:40]             # 2 s against 10 s: 20%
+        'Monitor: one evaluation took 2.00 s, 20%'
+        >>> cost.seconds
+        [0.5, 2.0]
+    """
+
+    def __init__(
+        self,
+        name: str,
+        every_n_epochs: int,
+        budget: float = DEFAULT_BUDGET,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.name = name
+        self.every_n_epochs = every_n_epochs
+        self.budget = budget
+        self.clock = clock
+        self.seconds: list[float] = []
+        self._mark: float | None = None
+        self._warned = False
+
+    def start(self) -> None:
+        """A new fit: time from now, and warn again at most once."""
+        self._mark = self.clock()
+        self._warned = False
+
+    def evaluated(self, began: float) -> str | None:
+        """Record an evaluation that began at clock reading ``began`` and ended now; return the
+        warning text the first time in this fit that one exceeds the budget."""
+        ended = self.clock()
+        seconds = ended - began
+        self.seconds.append(seconds)
+        other = None if self._mark is None else began - self._mark
+        self._mark = ended
+        if other is None or self._warned:
+            return None
+        message = cost_warning(self.name, seconds, other, self.every_n_epochs, self.budget)
+        self._warned = message is not None
+        return message
