@@ -22,13 +22,18 @@ Measurements, each against its alternative in the same run (interleaved, median)
    ``holdout="val"``), ``monitor_separate`` (the same with the old separate pass) and
    ``monitor_recipe`` (the recipe's cadence, ``monitor.every_n_epochs`` in the yaml) and
    ``monitor_default`` (``MemorizationMonitor()`` with its own defaults: every epoch, no MIA).
-   Target: monitor cost <= 10% of training time.
+   Target: monitor cost <= 10% of training time. Runs with a monitor also report the monitor's
+   own timing (``MemorizationMonitor.evaluation_seconds``) as a share of the rest of the fit,
+   which is not subject to run-to-run noise the way a difference of two fits is. ``--num-train`` sets the epoch length (the
+   recipe's 256 sequences are 16 steps; ``--num-train all`` trains on the whole embedded corpus,
+   446 steps), since an every-epoch cost is relative to the epoch.
 
 Usage::
 
     python benchmarks/lm_overhead_bench.py                       # recipe sizes, CPU
     python benchmarks/lm_overhead_bench.py --device cuda --epochs 10
     python benchmarks/lm_overhead_bench.py --skip-runs --json out.json
+    python benchmarks/lm_overhead_bench.py --skip-monitor --configs plain,monitor_default --num-train all --epochs 1
 
 Model and data sizes are read from ``recipes/lm_goldfish.yaml`` (``model`` and ``data``
 sections); ``--epochs`` replaces the recipe's epoch count so the benchmark stays short.
@@ -239,7 +244,11 @@ def monitor_level(model_kw, data_kw, monitor_kw, device: torch.device, reps: int
     return out
 
 
-def _fit_once(config: str, model_kw, data_kw, goldfish_kw, monitor_kw, epochs: int, device: torch.device) -> float:
+def _fit_once(
+    config: str, model_kw, data_kw, goldfish_kw, monitor_kw, epochs: int, device: torch.device
+) -> tuple[float, float]:
+    """Wall time of one fit and the seconds its monitor reports spending in evaluations (0
+    without a monitor)."""
     import lightning.pytorch as pl
 
     from antimemo.callbacks.goldfish import GoldfishTokenDropout
@@ -277,20 +286,31 @@ def _fit_once(config: str, model_kw, data_kw, goldfish_kw, monitor_kw, epochs: i
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     _sync(device)
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    evaluations = sum(sum(getattr(c, "evaluation_seconds", ())) for c in callbacks)
+    return elapsed, evaluations
 
 
 def run_level(model_kw, data_kw, goldfish_kw, monitor_kw, epochs: int, reps: int, device: torch.device,
               configs=("plain", "goldfish", "monitor", "monitor_separate", "monitor_recipe")) -> dict:
     configs = tuple(configs)
     times: dict[str, list[float]] = {c: [] for c in configs}
+    shares: dict[str, list[float]] = {c: [] for c in configs}  # monitor time / the rest of the fit
     _fit_once("plain", model_kw, data_kw, goldfish_kw, monitor_kw, 1, device)  # warm-up (imports, allocator)
     for rep in range(reps):
         order = configs if rep % 2 == 0 else tuple(reversed(configs))
         for config in order:
-            times[config].append(_fit_once(config, model_kw, data_kw, goldfish_kw, monitor_kw, epochs, device))
+            elapsed, evaluations = _fit_once(config, model_kw, data_kw, goldfish_kw, monitor_kw, epochs, device)
+            times[config].append(elapsed)
+            shares[config].append(evaluations / (elapsed - evaluations))
     med = {c: statistics.median(v) for c, v in times.items()}
-    out = {"epochs": epochs, "reps": reps, "times_s": times, "median_s": med}
+    from antimemo.lm import TextDataModule
+
+    train, _ = TextDataModule(**data_kw).build_split()
+    steps = -(-train.shape[0] // data_kw.get("batch_size", 16))
+    out = {"epochs": epochs, "reps": reps, "train_sequences": int(train.shape[0]), "steps_per_epoch": steps,
+           "times_s": times, "median_s": med,
+           "monitor_timed_share": {c: statistics.median(v) for c, v in shares.items() if any(v)}}
     if "plain" in med:
         for config in configs:
             if config != "plain":
@@ -313,11 +333,24 @@ def main() -> None:
         default="plain,goldfish,monitor,monitor_separate,monitor_recipe",
         help="comma-separated whole-run configurations",
     )
+    parser.add_argument(
+        "--num-train",
+        default=None,
+        help="replace the recipe's data.num_train: an integer, or 'all' for every sequence of the "
+        "corpus not held out (7135 sequences = 446 steps per epoch for pydoc_topics)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     model_kw, data_kw, goldfish_kw, monitor_kw = _recipe_args(args.recipe)
+    if args.num_train is not None:
+        if args.num_train == "all":
+            data_kw["num_train"] = None
+        elif args.num_train.isdigit() and int(args.num_train) > 0:
+            data_kw["num_train"] = int(args.num_train)
+        else:
+            parser.error(f"--num-train must be a positive integer or 'all', got {args.num_train!r}")
     machine = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
@@ -361,11 +394,18 @@ def main() -> None:
             model_kw, data_kw, goldfish_kw, monitor_kw, args.epochs, args.reps, device, configs
         )
         r = result["run_level"]
-        print(f"whole runs ({r['epochs']} epochs, median of {r['reps']}):")
+        print(
+            f"whole runs ({r['epochs']} epochs of {r['steps_per_epoch']} steps ({r['train_sequences']} "
+            f"sequences), median of {r['reps']}):"
+        )
         for name, t in r["median_s"].items():
             cost = r.get(f"{name}_cost_fraction")
             each = ", ".join(f"{x:.1f}" for x in r["times_s"][name])
-            print(f"  {name:16s} {t:8.2f} s" + ("" if cost is None else f"  ({cost:+.1%} vs plain)") + f"  [{each}]")
+            own = r["monitor_timed_share"].get(name)
+            print(
+                f"  {name:16s} {t:8.2f} s" + ("" if cost is None else f"  ({cost:+.1%} vs plain)") + f"  [{each}]"
+                + ("" if own is None else f"; its own evaluations: {own:.1%} of the rest of the fit")
+            )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=lambda o: getattr(o, "__qualname__", repr(o))))
 
