@@ -51,24 +51,24 @@ def test_warns_once_per_fit_and_again_after_a_new_start():
     readings = [0.0, 2.0, 3.0, 5.0, 6.0, 8.0, 9.0]
     # a second fit: start, one expensive evaluation
     readings += [100.0, 101.0, 102.0]
-    cost = EvaluationCost("M", every_n_epochs=1, clock=_clock(readings))
+    cost = EvaluationCost("M", clock=_clock(readings))
     cost.start()
-    messages = [cost.evaluated(cost.clock()) for _ in range(3)]
+    messages = [cost.evaluated(cost.clock(), every_n_epochs=1) for _ in range(3)]
     assert messages[0] is not None and messages[1:] == [None, None]
     cost.start()
-    assert cost.evaluated(cost.clock()) is not None
+    assert cost.evaluated(cost.clock(), every_n_epochs=1) is not None
     assert cost.seconds == [1.0, 1.0, 1.0, 1.0]
 
 
 def test_first_cheap_then_expensive_warns_at_the_expensive_one():
     readings = [0.0, 10.0, 10.5, 11.5, 12.5]  # 0.5 s after 10 s (5%), then 1 s after 1 s (100%)
-    cost = EvaluationCost("M", every_n_epochs=1, clock=_clock(readings))
+    cost = EvaluationCost("M", clock=_clock(readings))
     cost.start()
-    assert cost.evaluated(cost.clock()) is None
-    assert _share_and_suggestion(cost.evaluated(cost.clock())) == (100, 10)
+    assert cost.evaluated(cost.clock(), every_n_epochs=1) is None
+    assert _share_and_suggestion(cost.evaluated(cost.clock(), every_n_epochs=1)) == (100, 10)
 
 
 def test_evaluation_without_start_is_timed_but_not_judged():
-    cost = EvaluationCost("M", every_n_epochs=1, clock=_clock(itertools.count()))
-    assert cost.evaluated(cost.clock()) is None
+    cost = EvaluationCost("M", clock=_clock(itertools.count()))
+    assert cost.evaluated(cost.clock(), every_n_epochs=1) is None
     assert cost.seconds == [1]

@@ -54,17 +54,18 @@ class EvaluationCost:
     """Times evaluations and the fit time between them; see :func:`cost_warning`.
 
     Call :meth:`start` when the fit starts, then :meth:`evaluated` after each evaluation with the
-    clock reading taken just before it. ``seconds`` lists every evaluation's wall time.
+    clock reading taken just before it and the monitor's current ``every_n_epochs``. ``seconds``
+    lists every evaluation's wall time.
 
     Example:
         >>> ticks = iter([0.0, 10.0, 10.5, 20.5, 22.5])
-        >>> cost = EvaluationCost("Monitor", every_n_epochs=1, clock=lambda: next(ticks))
+        >>> cost = EvaluationCost("Monitor", clock=lambda: next(ticks))
         >>> cost.start()
         >>> began = cost.clock()
-        >>> cost.evaluated(began) is None          # 0.5 s against 10 s: 5%
+        >>> cost.evaluated(began, every_n_epochs=1) is None     # 0.5 s against 10 s: 5%
         True
         >>> began = cost.clock()
-        >>> cost.evaluated(began)[:40]             # 2 s against 10 s: 20%
+        >>> cost.evaluated(began, every_n_epochs=1)[:40]        # 2 s against 10 s: 20%
         'Monitor: one evaluation took 2.00 s, 20%'
         >>> cost.seconds
         [0.5, 2.0]
@@ -73,12 +74,10 @@ class EvaluationCost:
     def __init__(
         self,
         name: str,
-        every_n_epochs: int,
         budget: float = DEFAULT_BUDGET,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.name = name
-        self.every_n_epochs = every_n_epochs
         self.budget = budget
         self.clock = clock
         self.seconds: list[float] = []
@@ -90,7 +89,7 @@ class EvaluationCost:
         self._mark = self.clock()
         self._warned = False
 
-    def evaluated(self, began: float) -> str | None:
+    def evaluated(self, began: float, every_n_epochs: int) -> str | None:
         """Record an evaluation that began at clock reading ``began`` and ended now; return the
         warning text the first time in this fit that one exceeds the budget."""
         ended = self.clock()
@@ -100,6 +99,6 @@ class EvaluationCost:
         self._mark = ended
         if other is None or self._warned:
             return None
-        message = cost_warning(self.name, seconds, other, self.every_n_epochs, self.budget)
+        message = cost_warning(self.name, seconds, other, every_n_epochs, self.budget)
         self._warned = message is not None
         return message

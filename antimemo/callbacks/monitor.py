@@ -479,7 +479,7 @@ class MemorizationMonitor(Callback):
         self._mia_non_members: Tensor | None = None
         self.last_results: dict[str, float] = {}
         self.history: list[tuple[int, int, dict[str, float]]] = []
-        self._cost = EvaluationCost(_NAME, self.every_n_epochs)
+        self._cost = EvaluationCost(_NAME)
 
     @property
     def evaluation_seconds(self) -> list[float]:
@@ -641,7 +641,7 @@ class MemorizationMonitor(Callback):
             )
         began = self._cost.clock()
         _log_and_record(self, trainer, pl_module, self._evaluate(trainer, pl_module))
-        message = self._cost.evaluated(began)
+        message = self._cost.evaluated(began, self.every_n_epochs)
         if message is not None:
             rank_zero_warn(message, category=UserWarning)
 
