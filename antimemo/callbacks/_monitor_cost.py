@@ -44,9 +44,9 @@ def cost_warning(
         f"{name}: one evaluation took {seconds:.2f} s, {share:.0%} of the {other_seconds:.2f} s the "
         f"fit spent since the previous one (every_n_epochs={every_n_epochs}). To keep the monitor "
         f"under {budget:.0%} of training time, set every_n_epochs={suggested}, or use fewer probes "
-        "(num_probes) or a larger batch_size. An evaluation costs a fixed number of training steps "
-        "(about 4 for the LM recipe's model), so short epochs make it expensive; see "
-        "docs/monitor.md, 'Cost'. This is reported once per fit."
+        "(num_probes) or a larger batch_size. An evaluation is a fixed amount of work whatever the "
+        "epoch length, so short epochs make it relatively expensive; see docs/monitor.md, 'Cost'. "
+        "This is reported once per fit."
     )
 
 
