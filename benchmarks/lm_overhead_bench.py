@@ -24,9 +24,10 @@ Measurements, each against its alternative in the same run (interleaved, median)
    ``monitor_default`` (``MemorizationMonitor()`` with its own defaults: every epoch, no MIA).
    Target: monitor cost <= 10% of training time. Runs with a monitor also report the monitor's
    own timing (``MemorizationMonitor.evaluation_seconds``) as a share of the rest of the fit,
-   which is not subject to run-to-run noise the way a difference of two fits is. ``--num-train`` sets the epoch length (the
+   which is not subject to run-to-run noise the way a difference of two fits is.
+   ``--num-train`` sets the epoch length, since an every-epoch cost is relative to the epoch: the
    recipe's 256 sequences are 16 steps; ``--num-train all`` trains on the whole embedded corpus,
-   446 steps), since an every-epoch cost is relative to the epoch.
+   446 steps.
 
 Usage::
 
