@@ -307,9 +307,10 @@ def run_level(model_kw, data_kw, goldfish_kw, monitor_kw, epochs: int, reps: int
     med = {c: statistics.median(v) for c, v in times.items()}
     from antimemo.lm import TextDataModule
 
-    train, _ = TextDataModule(**data_kw).build_split()
-    steps = -(-train.shape[0] // data_kw.get("batch_size", 16))
-    out = {"epochs": epochs, "reps": reps, "train_sequences": int(train.shape[0]), "steps_per_epoch": steps,
+    dm = TextDataModule(**data_kw)
+    dm.setup("fit")  # the loader the fits use: duplicates and batch size included
+    out = {"epochs": epochs, "reps": reps, "train_sequences": len(dm.train_dataset),
+           "steps_per_epoch": len(dm.train_dataloader()),
            "times_s": times, "median_s": med,
            "monitor_timed_share": {c: statistics.median(v) for c, v in shares.items() if any(v)}}
     if "plain" in med:
