@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
+from antimemo._checks import check_int
+
 __all__ = ["POLICIES", "DedupSampler"]
 
 POLICIES = ("drop", "downweight", "cap")
@@ -51,11 +53,6 @@ def _as_cluster_ids(cluster_ids: Any) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-
-
 def check_policy(policy: Any, max_copies: Any) -> None:
     """Validate a policy and its ``max_copies`` (shared with the ``DedupSampling`` callback).
 
@@ -74,7 +71,7 @@ def check_policy(policy: Any, max_copies: Any) -> None:
             f"policy must be one of {POLICIES}, got {policy!r}: 'drop' keeps one example per duplicate cluster, "
             "'downweight' samples with weight 1/cluster_size, 'cap' keeps at most max_copies per cluster"
         )
-    _check_int("max_copies", max_copies, 1, "the number of copies per cluster kept by policy='cap', e.g. 2")
+    check_int("max_copies", max_copies, 1, "the number of copies per cluster kept by policy='cap', e.g. 2")
 
 
 class DedupSampler(DistributedSampler):
@@ -113,9 +110,9 @@ class DedupSampler(DistributedSampler):
     ) -> None:
         ids = _as_cluster_ids(cluster_ids)
         check_policy(policy, max_copies)
-        _check_int("seed", seed, 0, "e.g. seed=0")
-        _check_int("num_replicas", num_replicas, 1, "the world size, e.g. trainer.world_size")
-        _check_int("rank", rank, 0, "this process's global rank")
+        check_int("seed", seed, 0, "e.g. seed=0")
+        check_int("num_replicas", num_replicas, 1, "the world size, e.g. trainer.world_size")
+        check_int("rank", rank, 0, "this process's global rank")
         if rank >= num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got rank={rank}")
         if num_samples is not None:
@@ -124,7 +121,7 @@ class DedupSampler(DistributedSampler):
                     f"num_samples applies only to policy='downweight' (sampling with replacement), got "
                     f"num_samples={num_samples!r} with policy={policy!r}; 'drop' and 'cap' use every kept example once"
                 )
-            _check_int("num_samples", num_samples, 1, "or None for one sample per cluster")
+            check_int("num_samples", num_samples, 1, "or None for one sample per cluster")
         # DistributedSampler's attributes (dataset, num_replicas, rank, epoch, seed, shuffle, ...)
         super().__init__(range(ids.shape[0]), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.cluster_ids = ids

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from antimemo._checks import check_int
 from antimemo.callbacks.monitor import (
     _cuda_in_use,
     _evaluation_due,
@@ -37,12 +38,6 @@ from antimemo.metrics.replica import DEFAULT_THRESHOLDS, FeatureFrechetDistance,
 __all__ = ["ReplicaMonitor", "replica_grid", "save_png"]
 
 _NAME = "ReplicaMonitor"
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return value
 
 
 def replica_grid(generated: Tensor, matched: Tensor, scale: int = 4, pad: int = 2) -> Tensor:
@@ -214,12 +209,10 @@ class ReplicaMonitor(Callback):
         background: bool = True,
     ) -> None:
         super().__init__()
-        self.num_samples = _check_int("num_samples", num_samples, 1, "e.g. num_samples=64")
-        self.every_n_epochs = _check_int("every_n_epochs", every_n_epochs, 1, "1 evaluates after every epoch")
-        self.batch_size = _check_int("batch_size", batch_size, 1, "images per sampling batch, e.g. 64")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-        self.seed = seed
+        self.num_samples = check_int("num_samples", num_samples, 1, "e.g. num_samples=64")
+        self.every_n_epochs = check_int("every_n_epochs", every_n_epochs, 1, "1 evaluates after every epoch")
+        self.batch_size = check_int("batch_size", batch_size, 1, "images per sampling batch, e.g. 64")
+        self.seed = check_int("seed", seed, 0, "e.g. seed=0")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self.similarity = similarity
@@ -241,10 +234,10 @@ class ReplicaMonitor(Callback):
         if fid_real not in ("val", "train"):
             raise ValueError(f"fid_real must be 'val' or 'train', got {fid_real!r}")
         self.fid_real = fid_real
-        self.num_pictures = _check_int("num_pictures", num_pictures, 0, "0 saves no picture")
+        self.num_pictures = check_int("num_pictures", num_pictures, 0, "0 saves no picture")
         self.save_dir = save_dir
         if num_inference_steps is not None:
-            _check_int("num_inference_steps", num_inference_steps, 1, "or None for the module's setting")
+            check_int("num_inference_steps", num_inference_steps, 1, "or None for the module's setting")
         self.num_inference_steps = num_inference_steps
         if reference is not None:
             check_images(reference, "reference")

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from antimemo._checks import check_int
 from antimemo.dedup.minhash import ShingleConfig, shingle_sets_chunk, sketch_chunk
 from antimemo.dedup.normalize import content_hash, fingerprint, token_array
 
@@ -42,11 +43,6 @@ __all__ = ["DuplicateIndex", "dataset_content_hashes"]
 
 FORMAT = "antimemo.dedup.DuplicateIndex/1"
 KINDS = ("text", "tokens", "images", "custom")
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> None:
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
 
 
 def _check_sequence(items: Any, name: str) -> int:
@@ -558,11 +554,11 @@ class DuplicateIndex:
         num_workers: int,
         progress: bool,
     ) -> DuplicateIndex:
-        _check_int("ngram", ngram, 1, "e.g. ngram=5 (5-word shingles)")
-        _check_int("num_perm", num_perm, 1, "e.g. num_perm=128")
-        _check_int("seed", seed, 0, "e.g. seed=0")
-        _check_int("chunk_size", chunk_size, 1, "e.g. chunk_size=2048")
-        _check_int("num_workers", num_workers, 1, "1 runs in this process; e.g. num_workers=os.cpu_count()")
+        check_int("ngram", ngram, 1, "e.g. ngram=5 (5-word shingles)")
+        check_int("num_perm", num_perm, 1, "e.g. num_perm=128")
+        check_int("seed", seed, 0, "e.g. seed=0")
+        check_int("chunk_size", chunk_size, 1, "e.g. chunk_size=2048")
+        check_int("num_workers", num_workers, 1, "1 runs in this process; e.g. num_workers=os.cpu_count()")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a Jaccard similarity in (0, 1), got {threshold!r}; e.g. threshold=0.8")
         n = _check_sequence(items, name)
@@ -729,9 +725,9 @@ class DuplicateIndex:
         import_faiss()  # fail before embedding if FAISS is missing
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a cosine similarity in (-1, 1), got {threshold!r}; e.g. threshold=0.95")
-        _check_int("batch_size", batch_size, 1, "e.g. batch_size=256")
+        check_int("batch_size", batch_size, 1, "e.g. batch_size=256")
         if num_workers is not None:
-            _check_int("num_workers", num_workers, 1, "or None for FAISS's default thread count")
+            check_int("num_workers", num_workers, 1, "or None for FAISS's default thread count")
         emb, hashes = embed_images(images, embedder, batch_size=batch_size, device=device, progress=progress)
         pairs = similar_pairs(emb, float(threshold), num_threads=num_workers)
         # byte-identical images (e.g. constant images, whose centred embedding is zero) share a cluster

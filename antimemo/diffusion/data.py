@@ -14,13 +14,9 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from antimemo._checks import check_int
+
 __all__ = ["DigitsDataModule", "ImageDataset", "load_digits_images"]
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return value
 
 
 def load_digits_images(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +29,7 @@ def load_digits_images(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor
     """
     from sklearn.datasets import load_digits
 
-    _check_int("image_size", image_size, 4, "e.g. image_size=16")
+    check_int("image_size", image_size, 4, "e.g. image_size=16")
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
     if image_size != 8:
@@ -106,17 +102,17 @@ class DigitsDataModule(pl.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        _check_int("image_size", image_size, 4, "e.g. image_size=16")
-        _check_int("num_train", num_train, 1, "e.g. num_train=256")
-        _check_int("num_val", num_val, 0, "e.g. num_val=256")
+        check_int("image_size", image_size, 4, "e.g. image_size=16")
+        check_int("num_train", num_train, 1, "e.g. num_train=256")
+        check_int("num_val", num_val, 0, "e.g. num_val=256")
         if num_train + num_val > 1797:
             raise ValueError(f"num_train + num_val must be <= 1797 (the digits available), got {num_train + num_val}")
-        _check_int("num_duplicated", num_duplicated, 0, "0 disables duplication")
+        check_int("num_duplicated", num_duplicated, 0, "0 disables duplication")
         if num_duplicated > num_train:
             raise ValueError(f"num_duplicated={num_duplicated} must be <= num_train={num_train}")
-        _check_int("copies", copies, 1, "copies=1 means no extra copies")
-        _check_int("batch_size", batch_size, 1, "e.g. batch_size=32")
-        _check_int("num_workers", num_workers, 0, "0 loads in the main process")
+        check_int("copies", copies, 1, "copies=1 means no extra copies")
+        check_int("batch_size", batch_size, 1, "e.g. batch_size=32")
+        check_int("num_workers", num_workers, 0, "0 loads in the main process")
         # "seed" is left out of the hparams: Lightning refuses to log a module and a datamodule
         # whose hparams share a key with different values (DiffusionModule has its own seed)
         self.save_hyperparameters(ignore=["seed"])

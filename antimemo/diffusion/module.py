@@ -25,13 +25,9 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from antimemo._checks import check_int
+
 __all__ = ["DiffusionModule", "DiffusionStep", "LossTermHandle"]
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return value
 
 
 @dataclass
@@ -133,14 +129,14 @@ class DiffusionModule(pl.LightningModule):
         super().__init__()
         from diffusers import DDPMScheduler, UNet2DModel
 
-        _check_int("image_size", image_size, 4, "e.g. image_size=16")
-        _check_int("in_channels", in_channels, 1, "1 for grey images, 3 for RGB")
+        check_int("image_size", image_size, 4, "e.g. image_size=16")
+        check_int("in_channels", in_channels, 1, "1 for grey images, 3 for RGB")
         if num_classes is not None:
-            _check_int("num_classes", num_classes, 1, "or None for an unconditional model")
+            check_int("num_classes", num_classes, 1, "or None for an unconditional model")
         channels = tuple(block_out_channels)
         if not channels or not all(isinstance(c, int) and c >= 1 for c in channels):
             raise ValueError(f"block_out_channels must be positive integers, got {block_out_channels!r}; e.g. (16, 32)")
-        _check_int("norm_num_groups", norm_num_groups, 1, "it must divide every block_out_channels entry")
+        check_int("norm_num_groups", norm_num_groups, 1, "it must divide every block_out_channels entry")
         if any(c % norm_num_groups for c in channels):
             raise ValueError(
                 f"norm_num_groups={norm_num_groups} must divide every width in block_out_channels={channels}; "
@@ -151,9 +147,9 @@ class DiffusionModule(pl.LightningModule):
                 f"image_size={image_size} must be divisible by 2**(len(block_out_channels) - 1) = "
                 f"{2 ** (len(channels) - 1)} (one downsampling per extra block)"
             )
-        _check_int("num_train_timesteps", num_train_timesteps, 2, "e.g. 1000")
+        check_int("num_train_timesteps", num_train_timesteps, 2, "e.g. 1000")
         if num_inference_steps is not None:
-            _check_int("num_inference_steps", num_inference_steps, 1, "or None for num_train_timesteps")
+            check_int("num_inference_steps", num_inference_steps, 1, "or None for num_train_timesteps")
             if num_inference_steps > num_train_timesteps:
                 raise ValueError(
                     f"num_inference_steps={num_inference_steps} must be <= num_train_timesteps={num_train_timesteps}"
@@ -286,8 +282,8 @@ class DiffusionModule(pl.LightningModule):
             ``[num, C, H, W]`` float images in ``[0, 1]`` on the module's device. The UNet's
             train/eval mode is restored afterwards.
         """
-        _check_int("num", num, 0, "the number of images to generate")
-        _check_int("batch_size", batch_size, 1, "e.g. 64")
+        check_int("num", num, 0, "the number of images to generate")
+        check_int("batch_size", batch_size, 1, "e.g. 64")
         gens: list[torch.Generator] | None = None
         if isinstance(generator, (list, tuple)):
             gens = list(generator)

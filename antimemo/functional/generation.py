@@ -17,13 +17,9 @@ from typing import Any
 
 import torch
 
+from antimemo._checks import check_int
+
 __all__ = ["greedy_generate", "greedy_generate_with_logits"]
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return value
 
 
 def _model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device:
@@ -140,8 +136,8 @@ def greedy_generate(
             f"prefixes must have at least one token per row, got shape {tuple(prefixes.shape)}; "
             "greedy decoding needs a non-empty context"
         )
-    _check_int("suffix_length", suffix_length, 1, "it is the number of tokens generated per prefix")
-    _check_int("batch_size", batch_size, 1, "it is the number of prefixes decoded at once, e.g. 32")
+    check_int("suffix_length", suffix_length, 1, "it is the number of tokens generated per prefix")
+    check_int("batch_size", batch_size, 1, "it is the number of prefixes decoded at once, e.g. 32")
     if not isinstance(use_cache, bool):
         raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
 
@@ -246,7 +242,7 @@ def greedy_generate_with_logits(
             f"{tuple(sequences.shape) if isinstance(sequences, torch.Tensor) else type(sequences)}"
         )
     length = sequences.shape[1]
-    _check_int("batch_size", batch_size, 1, "it is the number of rows per forward pass, e.g. 32")
+    check_int("batch_size", batch_size, 1, "it is the number of rows per forward pass, e.g. 32")
     if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or not (
         1 <= prefix_length < length
     ):

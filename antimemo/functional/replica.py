@@ -205,12 +205,6 @@ def tiled_l2(a: Tensor, b: Tensor, grid: Sequence[int] = (4, 4)) -> Tensor:
 # ------------------------------------------------------------------------- nearest neighbours
 
 
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return int(value)
-
-
 def nearest_neighbors(
     queries: Tensor | np.ndarray,
     reference: Tensor | np.ndarray,
@@ -256,7 +250,7 @@ def nearest_neighbors(
         raise ValueError(f"metric must be 'ip' (inner product) or 'l2' (squared distance), got {metric!r}")
     if backend not in ("faiss", "torch"):
         raise ValueError(f"backend must be 'faiss' or 'torch', got {backend!r}")
-    k = _check_int("k", k, 1, "e.g. k=1 for the top-1 match")
+    k = check_int("k", k, 1, "e.g. k=1 for the top-1 match")
     q = torch.as_tensor(queries).detach().float().cpu()
     if q.dim() != 2:
         raise ValueError(f"queries must be [Q, D], got shape {tuple(q.shape)}")
@@ -334,19 +328,19 @@ def build_faiss_index(
     if exact:
         index = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, _check_int("hnsw_m", hnsw_m, 2, "e.g. 32"), fmetric)
+        index = faiss.IndexHNSWFlat(d, check_int("hnsw_m", hnsw_m, 2, "e.g. 32"), fmetric)
     else:
         r = ref.shape[0]
         if nlist is None:
             nlist = max(1, min(int(4 * r**0.5), r // 39))
-        nlist = _check_int("nlist", nlist, 1, "e.g. nlist=4 * sqrt(R)")
+        nlist = check_int("nlist", nlist, 1, "e.g. nlist=4 * sqrt(R)")
         if nlist > r:
             raise ValueError(f"nlist={nlist} exceeds the {r} reference rows; use nlist <= R (e.g. 4 * sqrt(R))")
         quantizer = faiss.IndexFlatIP(d) if metric == "ip" else faiss.IndexFlatL2(d)
         index = faiss.IndexIVFFlat(quantizer, d, nlist, fmetric)
         rows = np.random.default_rng(seed).permutation(r)[: min(r, 64 * nlist)]
         index.train(ref[np.sort(rows)])
-        index.nprobe = min(_check_int("nprobe", nprobe, 1, "e.g. nprobe=16"), nlist)
+        index.nprobe = min(check_int("nprobe", nprobe, 1, "e.g. nprobe=16"), nlist)
     index.add(ref)
     return index
 
@@ -390,7 +384,7 @@ def carlini_scores(
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise ValueError(f"alpha must be a number > 0, got {alpha!r}; Carlini et al. use alpha=0.5")
     g = _check_grid(grid)
-    kk = min(_check_int("k", k, 1, "Carlini et al. use k=50"), reference.shape[0])
+    kk = min(check_int("k", k, 1, "Carlini et al. use k=50"), reference.shape[0])
     _, nbr = nearest_neighbors(_flat(generated), _flat(reference), kk, "l2", exact=exact, backend=backend, index=index)
     if generated.shape[0] == 0:
         empty = torch.zeros(0)
@@ -538,4 +532,5 @@ def replica_penalty(
     return active * torch.relu(cos - threshold)
 
 
+from antimemo._checks import check_int
 from antimemo.functional.replica_ivf import NprobeCalibration, calibrate_nprobe  # noqa: E402  (re-export)

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from antimemo._checks import check_int
 from antimemo.lm.corpus import DEFAULT_CORPUS, ByteTokenizer, chunk_ids, load_text
 
 __all__ = ["SequenceDataset", "TextDataModule"]
@@ -53,11 +54,6 @@ class SequenceDataset(Dataset):
         if self.example_ids:
             return {"input_ids": self.input_ids[index], "example_id": int(index)}
         return {"input_ids": self.input_ids[index]}
-
-
-def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -112,15 +108,15 @@ class TextDataModule(pl.LightningDataModule):
         example_ids: bool = False,
     ) -> None:
         super().__init__()
-        _check_int("seq_len", seq_len, 2, "e.g. seq_len=64 (= 32-token prefix + 32-token suffix)")
+        check_int("seq_len", seq_len, 2, "e.g. seq_len=64 (= 32-token prefix + 32-token suffix)")
         if num_train is not None:
-            _check_int("num_train", num_train, 1, "or None to train on every sequence not held out")
-        _check_int("num_holdout", num_holdout, 1, "the held-out set is the validation set; e.g. num_holdout=128")
-        _check_int("batch_size", batch_size, 1, "e.g. batch_size=32")
-        _check_int("seed", seed, 0, "e.g. seed=0")
-        _check_int("num_workers", num_workers, 0, "0 loads in the main process")
-        _check_int("duplicates", duplicates, 0, "0 duplicates nothing; e.g. duplicates=8 repeats 8 training sequences")
-        _check_int("duplicate_copies", duplicate_copies, 2, "it is the total number of copies, e.g. duplicate_copies=16")
+            check_int("num_train", num_train, 1, "or None to train on every sequence not held out")
+        check_int("num_holdout", num_holdout, 1, "the held-out set is the validation set; e.g. num_holdout=128")
+        check_int("batch_size", batch_size, 1, "e.g. batch_size=32")
+        check_int("seed", seed, 0, "e.g. seed=0")
+        check_int("num_workers", num_workers, 0, "0 loads in the main process")
+        check_int("duplicates", duplicates, 0, "0 duplicates nothing; e.g. duplicates=8 repeats 8 training sequences")
+        check_int("duplicate_copies", duplicate_copies, 2, "it is the total number of copies, e.g. duplicate_copies=16")
         if num_train is not None and duplicates > num_train:
             raise ValueError(
                 f"duplicates={duplicates} exceeds num_train={num_train}: only training sequences can be duplicated; "

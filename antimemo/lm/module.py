@@ -16,14 +16,10 @@ import lightning.pytorch as pl
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from antimemo._checks import check_int
 from antimemo.lm.corpus import BYTE_PAD_ID, BYTE_VOCAB_SIZE
 
 __all__ = ["CausalLMModule"]
-
-
-def _check_int(name: str, value: object, minimum: int, hint: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
 
 
 class CausalLMModule(pl.LightningModule):
@@ -71,30 +67,30 @@ class CausalLMModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_int("vocab_size", vocab_size, 2, "257 fits the byte tokenizer")
-        _check_int("hidden_size", hidden_size, 1, "e.g. hidden_size=256")
-        _check_int("num_layers", num_layers, 1, "e.g. num_layers=4")
-        _check_int("num_heads", num_heads, 1, "e.g. num_heads=4")
+        check_int("vocab_size", vocab_size, 2, "257 fits the byte tokenizer")
+        check_int("hidden_size", hidden_size, 1, "e.g. hidden_size=256")
+        check_int("num_layers", num_layers, 1, "e.g. num_layers=4")
+        check_int("num_heads", num_heads, 1, "e.g. num_heads=4")
         if hidden_size % num_heads:
             raise ValueError(
                 f"hidden_size must be divisible by num_heads, got hidden_size={hidden_size}, num_heads={num_heads}; "
                 f"e.g. num_heads={math.gcd(hidden_size, 4) or 1}"
             )
         if intermediate_size is not None:
-            _check_int("intermediate_size", intermediate_size, 1, "or None for 4 * hidden_size")
-        _check_int("max_position_embeddings", max_position_embeddings, 2, "it must cover the sequence length")
+            check_int("intermediate_size", intermediate_size, 1, "or None for 4 * hidden_size")
+        check_int("max_position_embeddings", max_position_embeddings, 2, "it must cover the sequence length")
         if not (isinstance(lr, (int, float)) and lr > 0):
             raise ValueError(f"lr must be a positive number, got {lr!r}; e.g. lr=1e-3")
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}; 0 disables it")
-        _check_int("warmup_steps", warmup_steps, 0, "0 disables warm-up")
+        check_int("warmup_steps", warmup_steps, 0, "0 disables warm-up")
         if not (isinstance(min_lr_ratio, (int, float)) and 0 <= min_lr_ratio <= 1):
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}; 1.0 keeps lr constant")
         if pad_token_id is not None and not 0 <= pad_token_id < vocab_size:
             raise ValueError(
                 f"pad_token_id must be in [0, vocab_size={vocab_size}) or None, got {pad_token_id!r}"
             )
-        _check_int("seed", seed, 0, "e.g. seed=0")
+        check_int("seed", seed, 0, "e.g. seed=0")
         self.save_hyperparameters()
         config = LlamaConfig(
             vocab_size=vocab_size,

@@ -9,15 +9,10 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from antimemo._checks import check_positive_int
 from antimemo.functional.extraction import exact_match, levenshtein_distance
 
 __all__ = ["ExtractableMemorization"]
-
-
-def _check_positive_int(name: str, value: Any, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}; {hint}")
-    return value
 
 
 class ExtractableMemorization(Metric):
@@ -72,10 +67,10 @@ class ExtractableMemorization(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.prefix_length = _check_positive_int(
+        self.prefix_length = check_positive_int(
             "prefix_length", prefix_length, "it is the number of prompt tokens per probe, e.g. 32"
         )
-        self.suffix_length = _check_positive_int(
+        self.suffix_length = check_positive_int(
             "suffix_length", suffix_length, "it is the number of generated tokens per probe (32)"
         )
         if (
