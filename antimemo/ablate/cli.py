@@ -137,7 +137,7 @@ def run(
         overrides: ``antimemo fit`` arguments for every run (those after ``--``).
         command: the training command (default ``python -m antimemo.cli fit``).
         parse: the config parser (default: ``antimemo fit``'s).
-        sections: callback sections (default ``antimemo.cli.CALLBACK_SECTIONS``).
+        sections: callback sections (default ``antimemo.sections.CALLBACK_SECTIONS``).
 
     Returns:
         0 when every run finished; 1 when some failed; 2 for a bad grid; 130 when interrupted.

@@ -3,7 +3,7 @@
 
 A key is a dotted config key of the recipe (``model.lr``, ``trainer.max_epochs``,
 ``goldfish.k``) or the bare name of a callback section (``goldfish``). For a key inside a
-callback section (a name in :data:`antimemo.cli.CALLBACK_SECTIONS`):
+callback section (a name in :data:`antimemo.sections.CALLBACK_SECTIONS`):
 
 - ``none`` turns the section off: ``--goldfish=null``;
 - a value sets that argument: ``--goldfish.k=VALUE``. When the recipe has the section off
@@ -56,15 +56,15 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
 
 
 def callback_sections() -> dict[str, str]:
-    """The callback sections of the ``antimemo fit`` config (:data:`antimemo.cli.CALLBACK_SECTIONS`).
+    """The callback sections of the ``antimemo fit`` config (:data:`antimemo.sections.CALLBACK_SECTIONS`).
 
     Example:
         >>> callback_sections()["goldfish"]
         'antimemo.callbacks.goldfish.GoldfishTokenDropout'
     """
-    from antimemo import cli
+    from antimemo.sections import CALLBACK_SECTIONS
 
-    return dict(cli.CALLBACK_SECTIONS)
+    return dict(CALLBACK_SECTIONS)
 
 
 @dataclass(frozen=True)
@@ -429,7 +429,9 @@ def parse_fit_args(args: Sequence[str]) -> Any:
     """
     global _PARSE_CLASS
     if _PARSE_CLASS is None:
-        from antimemo.cli import AntimemoCLI
+        from antimemo._fit_cli import cli_class
+
+        AntimemoCLI = cli_class()
 
         class _Parsed(Exception):
             pass

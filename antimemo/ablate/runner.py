@@ -144,7 +144,7 @@ def plan_runs(
             all of the cell's seed keys (see above). Keys of a section that a cell turns off are
             dropped for that cell.
         base_overrides: ``antimemo fit`` arguments for every run (e.g. ``--trainer.max_epochs=10``).
-        sections: callback sections (default: ``antimemo.cli.CALLBACK_SECTIONS``).
+        sections: callback sections (default: ``antimemo.sections.CALLBACK_SECTIONS``).
         parse: ``parse(args) -> config`` (default: the real ``antimemo fit`` parser).
         validate: check every key and value (:func:`~antimemo.ablate.grid.validate_grid`) and
             parse each cell's full arguments.

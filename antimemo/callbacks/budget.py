@@ -21,6 +21,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
 
+from antimemo._checks import is_number
+from antimemo.sections import section_class_names
+
 __all__ = ["KNOWN_KNOBS", "MemorizationBudget"]
 
 #: Knobs whose direction and bounds are known: class name -> attribute -> (stronger, integer, bounds).
@@ -33,35 +36,12 @@ KNOWN_KNOBS: dict[str, dict[str, tuple[str, bool, tuple[float, float]]]] = {
     "ExampleTiedDropout": {"p_fixed": ("decrease", False, (0.01, 1.0))},
 }
 
-_SECTION_ALIASES = {  # used when antimemo.cli.CALLBACK_SECTIONS lacks a name
-    "goldfish": "GoldfishTokenDropout",
-    "loss_floor": "LossFloor",
-    "loss_truncation": "LossTruncation",
-    "spectral_norm": "SpectralNormPenalty",
-    "example_tied_dropout": "ExampleTiedDropout",
-}
-
-
-def _section_classes() -> dict[str, str]:
-    names = dict(_SECTION_ALIASES)
-    try:
-        from antimemo.cli import CALLBACK_SECTIONS
-    except ImportError:  # pragma: no cover - the CLI is part of the package
-        return names
-    names.update({section: path.rsplit(".", 1)[-1] for section, path in CALLBACK_SECTIONS.items()})
-    return names
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
-
-
 class MemorizationBudget(pl.Callback):
     """Keep a memorization figure under ``max_value`` by moving one knob of another callback.
 
     **Control.** ``control`` names the knob: ``"<callback>.<attribute>"`` or a pair
     ``(callback, attribute)``. ``<callback>`` is a config section name of ``antimemo fit``
-    (``goldfish``, ``loss_floor``, ... from :data:`antimemo.cli.CALLBACK_SECTIONS`) or a class
+    (``goldfish``, ``loss_floor``, ... from :data:`antimemo.sections.CALLBACK_SECTIONS`) or a class
     name (``GoldfishTokenDropout``, ``LossFloor``, or any callback class, subclasses included).
     At ``setup`` exactly one callback in ``trainer.callbacks`` must match. For the knobs in
     :data:`KNOWN_KNOBS` the direction, integrality and bounds are known (goldfish ``k``: smaller is
@@ -145,10 +125,10 @@ class MemorizationBudget(pl.Callback):
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"metric must be a non-empty metric key, got {metric!r}; e.g. 'memorization/exact_match'")
         self.metric = metric
-        if not _is_number(max_value) or max_value < 0:
+        if not is_number(max_value) or max_value < 0:
             raise ValueError(f"max_value must be a finite number >= 0, got {max_value!r}; it is the budget, e.g. 0.01")
         self.max_value = float(max_value)
-        if not _is_number(relax_below) or not 0 <= relax_below <= 1:
+        if not is_number(relax_below) or not 0 <= relax_below <= 1:
             raise ValueError(
                 f"relax_below must be a number in [0, 1], got {relax_below!r}; 0.5 relaxes when the figure is "
                 "below half the budget, 0 never relaxes"
@@ -157,10 +137,10 @@ class MemorizationBudget(pl.Callback):
         if isinstance(relax_patience, bool) or not isinstance(relax_patience, int) or relax_patience < 1:
             raise ValueError(f"relax_patience must be an integer >= 1, got {relax_patience!r}")
         self.relax_patience = relax_patience
-        if not _is_number(factor) or factor <= 1:
+        if not is_number(factor) or factor <= 1:
             raise ValueError(f"factor must be a number > 1, got {factor!r}; factor=2 halves or doubles the knob")
         self.factor = float(factor)
-        if step is not None and (not _is_number(step) or step <= 0):
+        if step is not None and (not is_number(step) or step <= 0):
             raise ValueError(f"step must be a number > 0 or None (multiplicative steps), got {step!r}")
         self.step = None if step is None else float(step)
         known = KNOWN_KNOBS.get(self._class_name(self.target_name), {}).get(self.attribute)
@@ -222,7 +202,7 @@ class MemorizationBudget(pl.Callback):
 
     @staticmethod
     def _class_name(name: str) -> str:
-        return _section_classes().get(name, name)
+        return section_class_names().get(name, name)
 
     def _clamp(self, value: float) -> float | int:
         value = min(max(value, self.bounds[0]), self.bounds[1])
@@ -314,7 +294,7 @@ class MemorizationBudget(pl.Callback):
         """Find the controlled callback and read the knob's starting value."""
         self._target = self._find_target(trainer)
         current = getattr(self._target, self.attribute)
-        if not _is_number(current):
+        if not is_number(current):
             raise ValueError(
                 f"MemorizationBudget(control={self.control!r}): the knob's value is {current!r}, not a finite number"
             )

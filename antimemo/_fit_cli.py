@@ -1,0 +1,171 @@
+"""``AntimemoCLI``, the ``LightningCLI`` behind ``antimemo fit`` / ``antimemo validate``.
+
+Public as ``antimemo.cli.AntimemoCLI``. It lives here, below :mod:`antimemo.cli`, so that
+``antimemo.ablate`` can parse ``fit`` arguments with it without importing the console script
+(which imports ``antimemo.ablate`` for its ``ablate`` verb). Nothing here imports Lightning until
+:func:`cli_class` is called.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from antimemo.sections import CALLBACK_SECTIONS, DEFAULT_DATA_CLASS, DEFAULT_MODEL_CLASS, SECTION_DEFAULTS
+
+__all__ = ["build_cli_class", "cli_class", "import_class"]
+
+
+def import_class(path: str) -> type:
+    """The class named by a dotted ``module.Class`` path."""
+    from importlib import import_module
+
+    module, _, name = path.rpartition(".")
+    return getattr(import_module(module), name)
+
+
+
+def build_cli_class() -> type:
+    """Define :class:`AntimemoCLI` lazily so that ``antimemo --help`` does not import Lightning."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from antimemo.report import REPORT_FILENAME, build_report, format_report, write_report
+
+    class _ValLossTracker(pl.Callback):
+        """Remembers the lowest ``val_loss`` seen while fitting (read-only, logs nothing)."""
+
+        def __init__(self) -> None:
+            self.best: float | None = None
+
+        def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            if trainer.sanity_checking:
+                return
+            value = trainer.callback_metrics.get("val_loss")
+            if value is not None:
+                value = float(value)
+                self.best = value if self.best is None else min(self.best, value)
+
+    class AntimemoCLI(LightningCLI):
+        """``LightningCLI`` for :class:`CausalLMModule` / :class:`TextDataModule` (defaults) with two
+        optional callback sections, ``goldfish`` and ``monitor``, and a report after ``fit``.
+
+        ``goldfish`` defaults to ``null`` (standard training) and ``monitor`` to
+        ``MemorizationMonitor(holdout="val")``; the recipe ``recipes/lm_goldfish.yaml`` turns
+        goldfish on. ``--report_path`` chooses where ``report.json`` goes (default: the run's log
+        directory). Pass ``model_class`` / ``datamodule_class`` to use your own module or data.
+
+        Args:
+            args: command-line arguments (``None``: ``sys.argv[1:]``).
+            run: ``False`` only parses and instantiates (no verb).
+            **kwargs: passed to ``LightningCLI``.
+
+        Example:
+            >>> cli = AntimemoCLI(args=["--config", "recipes/lm_goldfish.yaml", "--goldfish", "null"],
+            ...                   run=False)  # doctest: +SKIP
+            >>> [type(c).__name__ for c in cli.trainer.callbacks]  # doctest: +SKIP
+        """
+
+        def __init__(self, args: Any = None, run: bool = True, **kwargs: Any) -> None:
+            # model / data accept ``class_path:`` (any LightningModule / DataModule); a plain mapping
+            # configures the defaults, CausalLMModule and TextDataModule.
+            kwargs.setdefault("model_class", None)
+            kwargs.setdefault("datamodule_class", None)
+            kwargs.setdefault("seed_everything_default", 0)
+            kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+            kwargs.setdefault("parser_kwargs", {"description": "antimemo: train with anti-memorization callbacks"})
+            self.report: dict[str, Any] | None = None
+            self._unavailable: dict[str, str] = {}  # section -> why its class cannot be imported
+            self._argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, tuple, type(None))) else None
+            self._fit_start: float | None = None
+            self._val_tracker = _ValLossTracker()
+            super().__init__(args=args, run=run, **kwargs)
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            """Add one optional section per :data:`CALLBACK_SECTIONS` entry and ``--report_path``."""
+            defaults: dict[str, Any] = {
+                "model": {"class_path": DEFAULT_MODEL_CLASS},
+                "data": {"class_path": DEFAULT_DATA_CLASS},
+            }
+            for name, path in CALLBACK_SECTIONS.items():
+                try:
+                    cls = import_class(path)
+                except ImportError as err:  # an optional extra (e.g. diffusers) is not installed
+                    self._unavailable[name] = f"{path} cannot be imported ({err})"
+                    parser.add_argument(f"--{name}", type=Optional[Any], default=None, help=f"unavailable: {err}")
+                    continue
+                parser.add_lightning_class_args(cls, name, subclass_mode=True, required=False)
+                defaults[name] = SECTION_DEFAULTS.get(name)
+            parser.set_defaults(defaults)
+            parser.add_argument(
+                "--report_path",
+                type=Optional[str],
+                default=None,
+                help="Where to write the JSON report after fit (default: <trainer log_dir>/report.json).",
+            )
+
+        def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+            """Like ``LightningCLI.instantiate_trainer``, but a ``null`` callback section adds nothing."""
+            for name, why in self._unavailable.items():
+                if self._get(self.config_init, name) is not None:
+                    raise ImportError(
+                        f"the config turns on the {name!r} section, but {why}; install the extra it needs "
+                        "(pip install 'antimemo[all]'), or set it to null"
+                    )
+            keys = self._parser(self.subcommand).callback_keys
+            extra = [self._get(self.config_init, key) for key in keys]
+            extra = [cb for cb in extra if cb is not None]
+            extra.append(self._val_tracker)
+            trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+            return self._instantiate_trainer(trainer_config, extra)
+
+        def before_fit(self) -> None:
+            self._fit_start = time.perf_counter()
+
+        def after_fit(self) -> None:
+            wall = None if self._fit_start is None else time.perf_counter() - self._fit_start
+            self._finish_report(wall)
+
+        def _section(self, name: str) -> dict[str, Any] | None:
+            """A callback section's config as plain JSON values (``None`` when off)."""
+            import json
+
+            value = self._get(self.config, name)
+            if value is None:
+                return None
+            value = value.as_dict() if hasattr(value, "as_dict") else value
+            return json.loads(json.dumps(value, default=str))
+
+        def _finish_report(self, wall: float | None) -> None:
+            trainer = self.trainer
+            config_path = self._get(self.config, "config")
+            extra: dict[str, Any] = {
+                "config": [str(c) for c in config_path] if isinstance(config_path, (list, tuple)) else config_path,
+                "command": None if self._argv is None else " ".join(["antimemo", *map(str, self._argv)]),
+                "sections": {name: self._section(name) for name in CALLBACK_SECTIONS},
+            }
+            report = build_report(trainer, train_wall_time_s=wall, best_val_loss=self._val_tracker.best, extra=extra)
+            target = self._get(self.config, "report_path")
+            if target is None:
+                log_dir = trainer.log_dir or trainer.default_root_dir
+                target = str(Path(log_dir) / REPORT_FILENAME)
+            report["report_path"] = target
+            if trainer.is_global_zero:
+                write_report(report, target)
+                print("\n" + format_report(report), flush=True)
+            self.report = report
+
+    return AntimemoCLI
+
+
+_CLI_CLASS: type | None = None
+
+
+def cli_class() -> type:
+    """:class:`AntimemoCLI`, built on first use (this imports Lightning)."""
+    global _CLI_CLASS
+    if _CLI_CLASS is None:
+        _CLI_CLASS = build_cli_class()
+    return _CLI_CLASS
