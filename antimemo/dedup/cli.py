@@ -7,7 +7,8 @@ Sources:
   ``"input_ids"``; a list of integers is indexed as token ids);
 - ``recipe.yaml`` (or a recipe name ``NAME`` for ``recipes/NAME.yaml``): a LightningCLI config;
   its ``data`` DataModule is built (``data: {class_path, init_args}``, or the init arguments of
-  the antimemo CLI's default ``antimemo.lm.TextDataModule`` directly under ``data:``),
+  the antimemo CLI's default, :data:`antimemo.sections.DEFAULT_DATA_CLASS`
+  (``antimemo.lm.TextDataModule``), directly under ``data:``),
   ``setup("fit")`` is called, and its training dataset is indexed in order, so the index can be
   passed to ``DedupSampling(index=INDEX)`` for that recipe.
 
@@ -23,6 +24,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from antimemo.sections import DEFAULT_DATA_CLASS
 
 __all__ = ["add_arguments", "load_source", "main", "run"]
 
@@ -84,13 +87,13 @@ def _recipe_dataset(path: Path) -> Any:
             "file instead"
         )
     if "class_path" in data:  # LightningCLI subclass mode: data: {class_path: ..., init_args: {...}}
-        module_name, _, cls_name = str(data["class_path"]).rpartition(".")
-        cls = getattr(importlib.import_module(module_name), cls_name)
+        class_path = str(data["class_path"])
         init_args = data.get("init_args") or {}
     else:  # the antimemo CLI's default DataModule, with its init arguments under data:
-        from antimemo.lm.data import TextDataModule as cls
-
+        class_path = DEFAULT_DATA_CLASS
         init_args = data
+    module_name, _, cls_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), cls_name)
     dm = cls(**init_args)
     dm.setup("fit")
     dataset = getattr(dm, "train_dataset", None)
