@@ -17,66 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from antimemo._faiss import import_faiss  # re-exported: antimemo.dedup.images.import_faiss
+from antimemo._pixels import PixelEmbedder  # re-exported: antimemo.dedup.images.PixelEmbedder
 from antimemo.dedup.normalize import content_hash
 
 __all__ = ["PixelEmbedder", "embed_images", "image_content_hash", "import_faiss", "similar_pairs"]
-
-
-def import_faiss() -> Any:
-    """Import FAISS, or raise an ImportError that says how to install it.
-
-    Returns:
-        The ``faiss`` module.
-
-    Example:
-        >>> hasattr(import_faiss(), "IndexFlatIP")
-        True
-    """
-    try:
-        import faiss
-    except ImportError as err:  # pragma: no cover - exercised by a monkeypatched test
-        raise ImportError(
-            "DuplicateIndex.from_images needs FAISS for the nearest-neighbour search: "
-            "pip install faiss-cpu  (or faiss-gpu); there is no fallback"
-        ) from err
-    return faiss
-
-
-class PixelEmbedder(nn.Module):
-    """Weights-free image embedder: adaptive average pooling, flatten, centre, L2-normalise.
-
-    Args:
-        size: output side of the pooling (``size x size`` per channel; 16 gives ``16*16*C`` dims).
-
-    Example:
-        >>> e = PixelEmbedder(size=4)(torch.rand(2, 3, 32, 32))
-        >>> e.shape, torch.allclose(e.norm(dim=1), torch.ones(2))
-        (torch.Size([2, 48]), True)
-    """
-
-    def __init__(self, size: int = 16) -> None:
-        super().__init__()
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"size must be an integer >= 1, got {size!r}; e.g. size=16")
-        self.size = size
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Embed a batch.
-
-        Args:
-            images: float tensor ``[B, C, H, W]``.
-
-        Returns:
-            ``[B, C * size * size]``; rows are unit vectors, or zero for an image whose pooled
-            pixels vary by less than about ``1e-5`` (a constant image).
-        """
-        x = nn.functional.adaptive_avg_pool2d(images.float(), self.size).flatten(1)
-        mean = x.mean(dim=1, keepdim=True)
-        x = x - mean
-        norm = x.norm(dim=1, keepdim=True)
-        # a (nearly) constant image has no direction: rounding noise would become a random unit vector
-        flat = norm <= 1e-5 * x.shape[1] ** 0.5 * (1.0 + mean.abs())
-        return torch.where(flat, torch.zeros_like(x), x / norm.clamp_min(1e-30))
 
 
 def _check_image(x: Any, where: str) -> torch.Tensor:

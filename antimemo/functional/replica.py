@@ -36,6 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from antimemo._checks import check_int
+from antimemo._faiss import import_faiss
+from antimemo._pixels import PixelEmbedder
+
 __all__ = [
     "SIMILARITIES",
     "NprobeCalibration",
@@ -122,8 +126,6 @@ def pixel_embedding(images: Tensor, size: int = 16) -> Tensor:
         >>> round(float(pixel_embedding(x)[0].norm()), 5), tuple(pixel_embedding(x).shape)
         (1.0, (2, 256))
     """
-    from antimemo.dedup.images import PixelEmbedder
-
     return PixelEmbedder(size)(images)
 
 
@@ -315,9 +317,7 @@ def build_faiss_index(
         >>> build_faiss_index(torch.randn(2000, 8), exact=False, kind="ivf", nlist=16, nprobe=4).nprobe
         4
     """
-    from antimemo.dedup.images import import_faiss
-
-    faiss = import_faiss()
+    faiss = import_faiss("build_faiss_index")
     ref = np.ascontiguousarray(torch.as_tensor(reference).detach().float().cpu().numpy(), dtype=np.float32)
     if ref.ndim != 2 or ref.shape[0] == 0:
         raise ValueError(f"reference must be a non-empty [R, D] array, got shape {ref.shape}")
@@ -532,5 +532,4 @@ def replica_penalty(
     return active * torch.relu(cos - threshold)
 
 
-from antimemo._checks import check_int
 from antimemo.functional.replica_ivf import NprobeCalibration, calibrate_nprobe  # noqa: E402  (re-export)

@@ -99,9 +99,9 @@ def calibrate_nprobe(
         >>> result.recall[result.nprobe], index.nprobe == result.nprobe
         (1.0, True)
     """
-    from antimemo.dedup.images import import_faiss
+    from antimemo._faiss import import_faiss
 
-    faiss = import_faiss()
+    faiss = import_faiss("calibrate_nprobe")
     if not hasattr(index, "nprobe") or not hasattr(index, "nlist"):
         raise ValueError(
             f"index must be a FAISS IVF index (with nlist and nprobe), got {type(index).__name__}; "
