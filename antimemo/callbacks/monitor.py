@@ -12,148 +12,50 @@ See ``docs/monitor.md`` for the protocol, every argument and the cost.
 
 from __future__ import annotations
 
-import random
 import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
+from antimemo._checks import check_int
 from antimemo.callbacks._monitor_cost import EvaluationCost
-from antimemo.functional.generation import greedy_generate, greedy_generate_with_logits
-from antimemo.functional.membership import token_logprob_stats
-from antimemo.metrics.extraction import ExtractableMemorization
 from antimemo.metrics.membership import MembershipInference
+from antimemo.probes import (
+    ATTENTION_MASK_KEY,
+    MIA_SCORES as _MIA_SCORES,
+    ProbeScorer,
+    _is_integer_dtype,
+    draw_probes,
+    fetch_probes,
+)
+from antimemo.probes import cuda_in_use as _cuda_in_use
+from antimemo.probes import get_rng_state as _get_rng_state
+from antimemo.probes import is_map_dataset as _is_map_dataset
+from antimemo.probes import module_modes as _module_modes
+from antimemo.probes import set_rng_state as _set_rng_state
 
 __all__ = ["MemorizationMonitor"]
 
-_MIA_SCORES = ("loss", "zlib", "min_k", "min_k_plus_plus")
-_EXTRACTION_KEYS = ("exact_match", "token_match", "near_verbatim")
 _NAME = "MemorizationMonitor"
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _check_int(name: str, value: Any, minimum: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}; {hint}")
-    return value
+# Drawing, decoding and scoring live in the Lightning-free ``antimemo.probes``; this module is the
+# Lightning glue. ``_cuda_in_use``, ``_get_rng_state``, ``_set_rng_state`` and ``_module_modes``
+# keep their names here for the other monitors that import them.
 
 
 def _is_val(holdout: Any) -> bool:
     return isinstance(holdout, str) and holdout == "val"
-
-
-def _is_map_dataset(obj: Any) -> bool:
-    return (
-        not isinstance(obj, (str, bytes, Mapping, IterableDataset))
-        and hasattr(obj, "__getitem__")
-        and hasattr(obj, "__len__")
-    )
-
-
-def _is_integer_dtype(dtype: torch.dtype) -> bool:
-    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-
-
-def _to_ids(item: Any, key: str, where: str) -> Tensor:
-    """The 1-D token ids of one dataset item: a dict holding ``key``, a 1-D tensor, a NumPy
-    array or a list of ints."""
-    if isinstance(item, Mapping):
-        if key not in item:
-            raise KeyError(
-                f"{_NAME}: {where} is a dict without the key input_ids_key={key!r} (its keys: "
-                f"{sorted(map(str, item))}); set input_ids_key to the key holding the token ids"
-            )
-        item = item[key]
-    if isinstance(item, np.ndarray):
-        item = torch.from_numpy(item)
-    if isinstance(item, (list, tuple)) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in item
-    ):
-        item = torch.tensor(item, dtype=torch.long)
-    if not isinstance(item, Tensor):
-        raise TypeError(
-            f"{_NAME}: {where} must be a dict with input_ids_key={key!r}, a 1-D LongTensor, a "
-            f"NumPy array or a list of ints, got {type(item).__name__}"
-        )
-    if item.dim() != 1:
-        raise ValueError(
-            f"{_NAME}: {where} must hold a 1-D tensor of token ids (one unpadded example), got "
-            f"shape {tuple(item.shape)}"
-        )
-    if not _is_integer_dtype(item.dtype):
-        raise TypeError(f"{_NAME}: {where} must hold integer token ids, got dtype {item.dtype}")
-    return item.detach().to("cpu", torch.long)
-
-
-def _distinct_suffix_tokens(row: Tensor, suffix_length: int) -> int:
-    """Number of distinct token ids among the last ``suffix_length`` tokens of ``row``."""
-    return int(torch.unique(row[-suffix_length:]).numel())
-
-
-def _draw(
-    dataset: Any,
-    count: int,
-    length: int,
-    seed: int,
-    key: str,
-    what: str,
-    suffix_length: int = 1,
-    min_distinct: int = 1,
-) -> tuple[list[int], list[Tensor]]:
-    """Walk ``randperm(len(dataset))`` (a private generator seeded with ``seed``) and keep the
-    first ``count`` examples with at least ``length`` tokens whose cut to ``length`` tokens has
-    at least ``min_distinct`` distinct ids in its last ``suffix_length`` tokens.
-
-    Returns ``(indices, rows)``. When fewer than ``count`` are returned, the whole dataset was
-    scanned, so ``len(indices)`` is the number of eligible examples."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=generator).tolist()
-    indices: list[int] = []
-    rows: list[Tensor] = []
-    for index in order:
-        ids = _to_ids(dataset[index], key, f"{what}[{index}]")
-        if ids.numel() < length:
-            continue
-        row = ids[:length]
-        if min_distinct > 1 and _distinct_suffix_tokens(row, suffix_length) < min_distinct:
-            continue
-        indices.append(index)
-        rows.append(row)
-        if len(indices) == count:
-            break
-    return indices, rows
-
-
-def _fetch(dataset: Any, indices: Sequence[int], length: int, key: str, what: str) -> Tensor:
-    """Rows ``dataset[i][:length]`` for restored indices, checking they still fit."""
-    rows = []
-    for index in indices:
-        if not 0 <= index < len(dataset):
-            raise ValueError(
-                f"{_NAME}: the restored {what} index {index} is out of range for a dataset of "
-                f"{len(dataset)} examples; the dataset changed since the checkpoint was saved. "
-                "Resume with the same data, or start a new run to draw new probes"
-            )
-        ids = _to_ids(dataset[index], key, f"{what}[{index}]")
-        if ids.numel() < length:
-            raise ValueError(
-                f"{_NAME}: the restored {what} index {index} now has {ids.numel()} tokens, fewer "
-                f"than the {length} needed; the dataset changed since the checkpoint was saved"
-            )
-        rows.append(ids[:length])
-    return torch.stack(rows)
 
 
 def _loader_dataset(loaders: Any, what: str, fix: str) -> Any:
@@ -171,42 +73,6 @@ def _loader_dataset(loaders: Any, what: str, fix: str) -> Any:
             f"(with __len__ and __getitem__), so examples cannot be drawn by index; {fix}"
         )
     return dataset
-
-
-def _ids_bytes(ids: Tensor) -> bytes:
-    """The token ids as int32 little-endian bytes: the zlib text when no ``decode`` is given."""
-    return ids.to(torch.int32).numpy().astype("<i4").tobytes()
-
-
-def _module_modes(*roots: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
-    seen: dict[int, tuple[torch.nn.Module, bool]] = {}
-    for root in roots:
-        for module in root.modules():
-            seen.setdefault(id(module), (module, module.training))
-    return list(seen.values())
-
-
-def _get_rng_state(cuda: bool) -> dict[str, Any]:
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-    }
-    if cuda:
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _cuda_in_use() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def _silence_epoch_sync_warning(name: str) -> None:
@@ -247,11 +113,15 @@ class MemorizationMonitor(Callback):
 
     **Probes.** At ``on_train_start`` the callback draws ``num_probes`` examples from the training
     dataset (``trainer.train_dataloader.dataset``, map-style; items are dicts holding
-    ``input_ids_key`` or 1-D token-id tensors, unpadded). It walks
+    ``input_ids_key`` or 1-D token-id tensors, of any length). It walks
     ``torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))`` and keeps the
     first ``num_probes`` examples with at least ``prefix_length + suffix_length`` tokens; a probe
-    is the first ``prefix_length + suffix_length`` tokens of its example. The global RNG is never
-    consumed. Alternatively pass ``probes=`` yourself.
+    is the first ``prefix_length + suffix_length`` tokens of its example. A dict item that also
+    holds an ``"attention_mask"`` is probed on its text only: its window starts at the first
+    position with mask 1 and must hold no mask-0 (padding) position, else the item is skipped.
+    Too few eligible examples raise a ``ValueError`` that counts them and says why the others
+    were skipped. The global RNG is never consumed. Alternatively pass ``probes=`` yourself.
+    The drawing, decoding and scoring are the Lightning-free :mod:`antimemo.probes`.
 
     **Degenerate suffixes.** With ``min_distinct_suffix_tokens=n > 1`` the draw also skips
     examples whose suffix has fewer than ``n`` distinct token ids: rule lines (``"-----"``),
@@ -387,17 +257,17 @@ class MemorizationMonitor(Callback):
         min_distinct_suffix_tokens: int = 1,
     ) -> None:
         super().__init__()
-        self.num_probes = _check_int("num_probes", num_probes, 1, "e.g. num_probes=64")
-        self.prefix_length = _check_int(
+        self.num_probes = check_int("num_probes", num_probes, 1, "e.g. num_probes=64")
+        self.prefix_length = check_int(
             "prefix_length", prefix_length, 1, "it is the number of context tokens, e.g. 32"
         )
-        self.suffix_length = _check_int(
+        self.suffix_length = check_int(
             "suffix_length", suffix_length, 1, "it is the number of generated tokens, e.g. 32"
         )
-        self.every_n_epochs = _check_int(
+        self.every_n_epochs = check_int(
             "every_n_epochs", every_n_epochs, 1, "1 evaluates after every epoch"
         )
-        self.batch_size = _check_int(
+        self.batch_size = check_int(
             "batch_size", batch_size, 1, "it is the number of probes per forward pass, e.g. 32"
         )
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -456,7 +326,7 @@ class MemorizationMonitor(Callback):
                 "e.g. probe_dataset='duplicated_dataset'"
             )
         self.probe_dataset = probe_dataset
-        self.min_distinct_suffix_tokens = _check_int(
+        self.min_distinct_suffix_tokens = check_int(
             "min_distinct_suffix_tokens",
             min_distinct_suffix_tokens,
             1,
@@ -707,30 +577,33 @@ class MemorizationMonitor(Callback):
         need, key = self.probe_length, self.input_ids_key
         dataset = self._train_dataset(trainer) if self.probe_dataset is None else self._named_dataset(trainer)
         if self.probe_indices is not None:
-            self.probes = _fetch(dataset, self.probe_indices, need, key, "training dataset")
+            self.probes = fetch_probes(dataset, self.probe_indices, need, key, "training dataset")
             return
-        indices, rows = _draw(dataset, self.num_probes, need, self.seed, key, "training dataset", **self._filter)
-        if len(indices) < self.num_probes:
+        draw = draw_probes(dataset, self.num_probes, need, self.seed, key, "training dataset", **self._filter)
+        if len(draw.indices) < self.num_probes:
             distinct = ""
             if self.min_distinct_suffix_tokens > 1:
                 distinct = (
                     f" and at least min_distinct_suffix_tokens={self.min_distinct_suffix_tokens} "
                     "distinct token ids in their suffix"
                 )
+            padded = f" ({ATTENTION_MASK_KEY} 0 is padding, not text)" if draw.padded else ""
             raise ValueError(
                 f"{_NAME}(num_probes={self.num_probes}) needs {self.num_probes} training examples "
                 f"with at least prefix_length + suffix_length = {self.prefix_length} + "
-                f"{self.suffix_length} = {need} tokens{distinct}, but only {len(indices)} of the "
-                f"{len(dataset)} training examples qualify; lower num_probes, prefix_length, "
-                "suffix_length" + (" or min_distinct_suffix_tokens" if distinct else "")
+                f"{self.suffix_length} = {need} tokens{distinct}, but only {len(draw.indices)} of the "
+                f"{len(dataset)} training examples qualify "
+                f"({draw.reasons(need, self.min_distinct_suffix_tokens)}){padded}; lower num_probes, "
+                "prefix_length, suffix_length" + (" or min_distinct_suffix_tokens" if distinct else "")
                 + ", or pass probes="
             )
-        self.probe_indices = indices
-        self.probes = torch.stack(rows)
+        self.probe_indices = draw.indices
+        self.probes = torch.stack(draw.rows)
 
     @property
     def _filter(self) -> dict[str, int]:
-        """The probe filter's keyword arguments of :func:`_draw` (used by every draw alike)."""
+        """The probe filter's keyword arguments of :func:`~antimemo.probes.draw_probes` (used by
+        every draw alike)."""
         return {"suffix_length": self.suffix_length, "min_distinct": self.min_distinct_suffix_tokens}
 
     def _mia_sources(self, trainer: pl.Trainer) -> tuple[Any, Any]:
@@ -750,13 +623,15 @@ class MemorizationMonitor(Callback):
         need, key = self.probe_length, self.input_ids_key
         members_src, non_members_src = self._mia_sources(trainer)
         if self.mia_member_indices is not None and self.mia_non_member_indices is not None:
-            self._mia_members = _fetch(members_src, self.mia_member_indices, need, key, "MIA member")
-            self._mia_non_members = _fetch(
+            self._mia_members = fetch_probes(members_src, self.mia_member_indices, need, key, "MIA member")
+            self._mia_non_members = fetch_probes(
                 non_members_src, self.mia_non_member_indices, need, key, "MIA non-member"
             )
             return
-        m_idx, m_rows = _draw(members_src, self.num_probes, need, self.seed, key, "MIA member", **self._filter)
-        n_idx, n_rows = _draw(
+        m_idx, m_rows, *_ = draw_probes(
+            members_src, self.num_probes, need, self.seed, key, "MIA member", **self._filter
+        )
+        n_idx, n_rows, *_ = draw_probes(
             non_members_src, self.num_probes, need, self.seed, key, "MIA non-member", **self._filter
         )
         count = min(len(m_idx), len(n_idx))
@@ -791,6 +666,19 @@ class MemorizationMonitor(Callback):
 
     # -------------------------------------------------------------------- evaluation
 
+    def _scorer(self) -> ProbeScorer:
+        """The Lightning-free scorer, built from the current arguments (they may be changed
+        after construction)."""
+        return ProbeScorer(
+            prefix_length=self.prefix_length,
+            suffix_length=self.suffix_length,
+            batch_size=self.batch_size,
+            use_cache=self.use_cache,
+            near_verbatim_threshold=self.near_verbatim_threshold,
+            mia_scores=self.mia_scores,
+            decode=self.decode,
+        )
+
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         model = self._model(pl_module)
         device = pl_module.device
@@ -802,12 +690,29 @@ class MemorizationMonitor(Callback):
             if self.holdout is not None and self._mia_members is None:
                 self._prepare_mia(trainer)  # holdout="val" before the val loader existed
             with torch.inference_mode():
-                mia = None
+                scorer = self._scorer()
+                mia: MembershipInference | None = None
                 if self.holdout is not None:
-                    mia = MembershipInference(scores=self.mia_scores).to(device)
-                results = self._extraction(model, device, rank, world, mia)
+                    mia = scorer.new_membership_metric(device)
+                shared = mia is not None and self._members_are_probes()
+                # With ``shared``, one pass per chunk gives the greedy suffix *and* the member
+                # MIA log-probs (the members are this rank's probes, the same share).
+                results = scorer.extraction(
+                    model, self.probes[rank::world], device, member_metric=mia if shared else None
+                )
                 if mia is not None:
-                    results.update(self._membership(model, device, rank, world, mia))
+                    results.update(
+                        scorer.membership(
+                            model,
+                            self._mia_members,
+                            self._mia_non_members,
+                            device,
+                            mia,
+                            rank=rank,
+                            world=world,
+                            members_scored=shared,
+                        )
+                    )
         finally:
             for module, training in modes:
                 module.training = training  # per module: Module.train() would recurse
@@ -817,101 +722,4 @@ class MemorizationMonitor(Callback):
     def _members_are_probes(self) -> bool:
         """True when the MIA members are exactly the probes (the usual case: same dataset, seed
         and length rule), so one teacher-forced pass serves both."""
-        members = self._mia_members
-        return (
-            self.use_cache
-            and members is not None
-            and self.probes is not None
-            and members.shape == self.probes.shape
-            and torch.equal(members, self.probes)
-        )
-
-    def _extraction(
-        self,
-        model: torch.nn.Module,
-        device: torch.device,
-        rank: int,
-        world: int,
-        mia: MembershipInference | None = None,
-    ) -> dict[str, float]:
-        shard = self.probes[rank::world]
-        if mia is not None and self._members_are_probes():
-            # One pass per chunk gives the greedy suffix *and* the member MIA log-probs: the
-            # prefix is run once, the true suffix on top of its KV cache (teacher forcing), the
-            # cache is cropped back to the prefix and greedy decoding continues from there.
-            generated = torch.empty(
-                (len(shard), self.suffix_length), dtype=torch.long, device=device
-            )
-            for start, tokens, logits in greedy_generate_with_logits(
-                model, shard.to(device), self.prefix_length, self.batch_size
-            ):
-                generated[start : start + len(tokens)] = tokens
-                rows = shard[start : start + len(tokens)]
-                self._update_mia(mia, logits, rows, rows.to(device), is_member=True)
-        else:
-            generated = greedy_generate(
-                model,
-                shard[:, : self.prefix_length].to(device),
-                self.suffix_length,
-                self.batch_size,
-                use_cache=self.use_cache,
-            )
-        metric = ExtractableMemorization(
-            prefix_length=self.prefix_length,
-            suffix_length=self.suffix_length,
-            near_verbatim_threshold=self.near_verbatim_threshold,
-        ).to(device)
-        metric.update(generated.to(device), shard[:, self.prefix_length :].to(device))
-        computed = metric.compute()  # a collective under DDP: every rank calls it
-        return {key: float(computed[key]) for key in _EXTRACTION_KEYS}
-
-    def _update_mia(
-        self,
-        metric: MembershipInference,
-        logits: Any,
-        rows_cpu: Tensor,
-        rows: Tensor,
-        is_member: bool | Tensor,
-    ) -> None:
-        """Score one batch of sequences (``rows`` on the device, ``rows_cpu`` their CPU copy)."""
-        if not isinstance(logits, Tensor):
-            raise TypeError(
-                f"{_NAME}: MIA needs model(input_ids=...) to return logits [B, T, V] (a "
-                f"tensor or an object with .logits), got {type(logits).__name__}"
-            )
-        log_probs, mu, sigma, mask = token_logprob_stats(logits, rows)
-        texts = None
-        if "zlib" in self.mia_scores:  # from the CPU copy: no device-to-host copy per batch
-            texts = [
-                self.decode(row.tolist()) if self.decode is not None else _ids_bytes(row)
-                for row in rows_cpu
-            ]
-        if isinstance(is_member, bool):
-            is_member = torch.full((len(rows),), is_member, dtype=torch.bool, device=rows.device)
-        metric.update(log_probs, is_member, mask=mask, mu=mu, sigma=sigma, texts=texts)
-
-    def _membership(
-        self,
-        model: torch.nn.Module,
-        device: torch.device,
-        rank: int,
-        world: int,
-        metric: MembershipInference,
-    ) -> dict[str, float]:
-        members, non_members = self._mia_members, self._mia_non_members
-        # This rank's share of cat([members, non_members])[rank::world]. When the members are
-        # the probes, _extraction already scored members[rank::world] (the same share).
-        index = torch.arange(len(members) + len(non_members))[rank::world]
-        if self._members_are_probes():
-            index = index[index >= len(members)]
-        sequences = torch.cat([members, non_members])[index]
-        is_member = index < len(members)
-        for start in range(0, len(sequences), self.batch_size):
-            rows_cpu = sequences[start : start + self.batch_size]
-            rows = rows_cpu.to(device)
-            output = model(input_ids=rows)
-            logits = output if isinstance(output, Tensor) else getattr(output, "logits", output)
-            members_here = is_member[start : start + self.batch_size].to(device)
-            self._update_mia(metric, logits, rows_cpu, rows, members_here)
-        computed = metric.compute()  # a collective under DDP: every rank calls it
-        return {f"mia/{key}": float(value) for key, value in computed.items()}
+        return self._scorer().members_are(self._mia_members, self.probes)
