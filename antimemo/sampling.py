@@ -153,6 +153,18 @@ class DedupSampler(DistributedSampler):
         """Distinct units per epoch: kept examples (``"drop"``/``"cap"``) or clusters (``"downweight"``)."""
         return self.num_clusters if self._pool is None else int(self._pool.shape[0])
 
+    def kept_indices(self) -> torch.Tensor | None:
+        """The examples ``"drop"`` / ``"cap"`` keep (the same every epoch), ascending; ``None`` for
+        ``"downweight"``, which samples clusters with replacement.
+
+        Example:
+            >>> DedupSampler([0, 0, 1, 1, 1], policy="cap", max_copies=2).kept_indices().tolist()
+            [0, 1, 2, 3]
+            >>> DedupSampler([0, 0, 1], policy="downweight").kept_indices() is None
+            True
+        """
+        return None if self._pool is None else self._pool.clone()
+
     def epoch_order(self, epoch: int | None = None) -> torch.Tensor:
         """The global order of one epoch (all ranks), before padding and sharding.
 

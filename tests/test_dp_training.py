@@ -15,7 +15,8 @@ from opacus.optimizers import DPOptimizer
 from torch.utils.data import DataLoader, TensorDataset
 
 from antimemo.callbacks.dp import DifferentialPrivacy
-from antimemo.dp import PerSequenceLoss, PoissonBatchSampler, compute_epsilon
+from antimemo.callbacks._seams import existing_loss_seam
+from antimemo.dp import PoissonBatchSampler, compute_epsilon
 
 transformers.logging.set_verbosity_error()
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -308,8 +309,8 @@ class LossSpy(pl.Callback):
         self.batch_size = batch["input_ids"].shape[0]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        fn = vars(pl_module.model).get("_loss_function")
-        self.per_sequence_used = isinstance(fn, PerSequenceLoss) and fn.calls == 1
+        seam = existing_loss_seam(pl_module.model)
+        self.per_sequence_used = seam is not None and isinstance(seam.reduction_owner, DifferentialPrivacy) and seam.calls == 1
         self.grad_samples = {n: (tuple(p.grad_sample.shape), tuple(p.shape)) for n, p in pl_module.named_parameters()}
 
 
@@ -328,7 +329,7 @@ def test_hf_causal_lm_takes_a_dp_step(kind):
     assert len(spy.grad_samples) > 5 and spy.batch_size > 0
     assert all(gs == (spy.batch_size, *shape) for gs, shape in spy.grad_samples.values())
     assert not torch.equal(before, _weights(model))
-    assert "_loss_function" not in vars(model.model)  # restored after fit
+    assert existing_loss_seam(model.model) is None  # the loss chain is removed after fit
     assert float(trainer.callback_metrics["dp/epsilon"]) == pytest.approx(dp.epsilon)
 
 

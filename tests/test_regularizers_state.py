@@ -206,9 +206,9 @@ def test_loss_callbacks_need_a_labelled_forward():
         _fit([LossFloor(floor=0.5)], max_steps=1, module=TinyLM(with_labels=False))
 
 
-def test_two_loss_rewriting_callbacks_conflict():
-    with pytest.raises(ValueError, match="LossFloor and LossTruncation both rewrite the training loss"):
-        _fit([LossFloor(floor=0.5), LossTruncation(c=0.4)], max_steps=1)
+def test_two_instances_of_one_loss_callback_are_refused():
+    with pytest.raises(ValueError, match=r"LossFloor \+ LossFloor are refused together: two LossFloor callbacks.*keep one"):
+        _fit([LossFloor(floor=0.5), LossFloor(floor=0.2)], max_steps=1)
 
 
 @pytest.mark.parametrize("make", [lambda: LossFloor(module_name="net"), lambda: SpectralNormPenalty(module_name="net"),

@@ -1,28 +1,26 @@
 """Shared machinery of the callbacks that rewrite a Hugging Face causal LM's training loss.
 
-:class:`SequenceLossCallback` registers a forward hook (``register_forward_hook(...,
-with_kwargs=True)``, a documented PyTorch mechanism) on the LM found at
-``pl_module.<module_name>``. During a training batch (between ``on_train_batch_start`` and
-``on_train_batch_end``), for every forward call made with gradients enabled and with ``labels``,
-the hook recomputes per-sequence losses from the returned ``logits`` and the ``labels`` and
-returns the output with ``loss`` replaced by the subclass's reduction. Validation, test, predict
+:class:`SequenceLossCallback` registers one stage on the per-sequence loss chain
+(:class:`antimemo.callbacks._seams.LossSeam`) of the LM found at ``pl_module.<module_name>``.
+During a training batch (between ``on_train_batch_start`` and ``on_train_batch_end``), for every
+forward call made in training mode with gradients enabled and with ``labels``, the chain
+recomputes per-sequence losses from the returned ``logits`` and the ``labels``, runs the
+enabled stages in order and returns the output with ``loss`` replaced. Validation, test, predict
 and generation forwards (outside a training batch, or without labels, or under ``no_grad``) are
 never touched.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor, nn
 
 from antimemo.callbacks._fit_handle import FitHandle
+from antimemo.callbacks._interactions import check_composition
+from antimemo.callbacks._seams import LossSeam, SequenceLosses, loss_seam
 from antimemo.functional.goldfish import _is_int
-from antimemo.functional.regularizers import per_sequence_lm_loss
 
 
 _HF_MODEL_HINT = (
@@ -53,13 +51,16 @@ def check_key(name: str, value: object) -> str:
 
 
 class SequenceLossCallback(FitHandle):
-    """Base class: replace the HF model's training ``loss`` by a reduction of per-sequence losses.
+    """Base class: a stage of the per-sequence loss chain of the HF model at ``pl_module.<module_name>``.
 
-    Subclasses implement :meth:`_enabled` (False = leave the loss untouched, bit for bit) and
-    :meth:`_reduce` (per-sequence losses -> batch loss, or None to leave it untouched).
+    Subclasses set :attr:`_order` (their place in the chain, see :mod:`antimemo.callbacks._seams`)
+    and implement :meth:`_enabled` (False = the stage does not run; with no stage enabled the
+    model's loss is untouched, bit for bit) and :meth:`_stage` (change the per-sequence
+    ``values`` or ``weights`` of a :class:`~antimemo.callbacks._seams.SequenceLosses`).
     """
 
     _log_prefix = "sequence_loss"
+    _order = 500
 
     def __init__(self, module_name: str = "model", ignore_index: int = -100) -> None:
         super().__init__()
@@ -71,59 +72,46 @@ class SequenceLossCallback(FitHandle):
             )
         self.ignore_index = int(ignore_index)
         self._handle: Any = None
-        self._model: nn.Module | None = None
-        self._signature: inspect.Signature | None = None
-        self._active = False
-        self._calls = 0
+        self._seam: LossSeam | None = None
         self._stats: dict[str, Tensor] = {}
-        self._batch_size = 1
 
     # -- subclass interface ---------------------------------------------------------------------
 
     def _enabled(self) -> bool:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    def _reduce(self, losses: Tensor, num_targets: Tensor, num_items: Any) -> Tensor | None:  # pragma: no cover
+    def _stage(self, seq: SequenceLosses) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
-    # -- hook management ------------------------------------------------------------------------
+    # -- registration ---------------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Register the forward hook on ``pl_module.<module_name>`` (fit only)."""
+        """Register this callback's stage on the loss chain of ``pl_module.<module_name>`` (fit only)."""
         if stage != "fit":
             return
-        name = type(self).__name__
-        for other in trainer.callbacks:
-            if other is not self and isinstance(other, SequenceLossCallback) and other.module_name == self.module_name:
-                raise ValueError(
-                    f"{name} and {type(other).__name__} both rewrite the training loss of "
-                    f"pl_module.{self.module_name or '<itself>'}; the second would silently overwrite the first. "
-                    "Use one of them per run"
-                )
-        model = resolve_module(pl_module, self.module_name, name)
+        check_composition(trainer)
+        model = resolve_module(pl_module, self.module_name, type(self).__name__)
         self._remove_handle()
-        self._model = model
-        try:
-            self._signature = inspect.signature(model.forward)
-        except (TypeError, ValueError):  # pragma: no cover - C-implemented forward
-            self._signature = None
-        self._handle = model.register_forward_hook(self._hook, with_kwargs=True)
-
+        self._seam = loss_seam(model)
+        self._handle = self._seam.add_stage(self, self._order, self._stage, self._enabled)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Open the window in which the hook rewrites the loss."""
-        self._active = True
-        self._calls = 0
+        """Open the window in which the chain rewrites the loss."""
         self._stats = {}
+        if self._seam is not None:
+            self._seam.open((trainer.global_step, batch_idx))
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Close the window, check the hook saw the loss, and log its statistics."""
-        self._active = False
-        if self._calls == 0:
+        """Close the window, check the chain saw the loss, and log this stage's statistics."""
+        seam = self._seam
+        if seam is None:
+            return
+        seam.close()
+        if seam.calls == 0:
             raise RuntimeError(
                 f"{type(self).__name__} saw no forward call of pl_module.{self.module_name or '<itself>'} with "
                 "labels during this training step, so it could not act on the loss. It rewrites the loss that a "
@@ -132,61 +120,8 @@ class SequenceLossCallback(FitHandle):
                 "antimemo.functional.per_sequence_lm_loss with the matching loss function instead; if the model "
                 "lives under another attribute, pass module_name=..."
             )
-        for key, value in self._stats.items():
-            pl_module.log(f"{self._log_prefix}/{key}", value, on_step=True, on_epoch=True, batch_size=self._batch_size)
-
-    # -- the hook -------------------------------------------------------------------------------
-
-    def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        if not args or self._signature is None:
-            return kwargs
-        try:
-            bound = self._signature.bind_partial(*args, **kwargs)
-        except TypeError:
-            return kwargs
-        out = dict(bound.arguments)
-        extra = out.pop("kwargs", None)
-        if isinstance(extra, dict):
-            out.update(extra)
-        return out
-
-    def _hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self._active or not torch.is_grad_enabled():
-            return None
-        arguments = self._arguments(args, kwargs)
-        labels = arguments.get("labels")
-        if labels is None:
-            return None
-        name = type(self).__name__
-        if arguments.get("shift_labels") is not None:
-            raise NotImplementedError(
-                f"{name} supports models called with labels= (unshifted, Hugging Face convention), not "
-                "shift_labels=; pass labels instead"
-            )
-        self._calls += 1
-        if isinstance(output, Mapping):
-            loss, logits = output.get("loss"), output.get("logits")
-        elif isinstance(output, tuple) and len(output) >= 2:
-            loss, logits = output[0], output[1]
-        else:
-            raise TypeError(
-                f"{name} expects the model to return a Hugging Face ModelOutput (or a tuple (loss, logits, ...)), "
-                f"got {type(output).__name__}"
-            )
-        if not isinstance(logits, Tensor) or not isinstance(loss, Tensor):
-            raise TypeError(
-                f"{name}: the model's output has no loss/logits tensors (loss={type(loss).__name__}, "
-                f"logits={type(logits).__name__}); call the model with labels=... and return logits"
-            )
-        self._batch_size = int(logits.shape[0])
-        self._stats["plain_loss"] = loss.detach()
-        if not self._enabled():
-            return None
-        losses, num_targets = per_sequence_lm_loss(logits, labels, self.ignore_index)
-        new_loss = self._reduce(losses, num_targets, arguments.get("num_items_in_batch"))
-        if new_loss is None:
-            return None
-        if isinstance(output, Mapping):
-            output["loss"] = new_loss
-            return output
-        return (new_loss, *output[1:])
+        stats = dict(self._stats)
+        if seam.plain_loss is not None:
+            stats = {"plain_loss": seam.plain_loss, **stats}
+        for key, value in stats.items():
+            pl_module.log(f"{self._log_prefix}/{key}", value, on_step=True, on_epoch=True, batch_size=seam.batch_size)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from antimemo.callbacks._fit_handle import FitHandle
 from antimemo.callbacks._lm_loss_hook import resolve_module
+from antimemo.callbacks._interactions import check_composition, declare
 
 __all__ = ["ConditioningNoise", "LabelRandomization", "batch_generator"]
 
@@ -73,6 +74,8 @@ class ConditioningNoise(FitHandle):
         >>> trainer = pl.Trainer(callbacks=[cb])  # doctest: +SKIP
     """
 
+    declaration = declare("model", domain="diffusion")
+
     def __init__(self, std: float = 1.0, module_name: str = "unet.class_embedding", seed: int = 0) -> None:
         super().__init__()
         if isinstance(std, bool) or not isinstance(std, (int, float)) or not std >= 0 or std != std:
@@ -90,6 +93,7 @@ class ConditioningNoise(FitHandle):
         """Register the hook (fit only)."""
         if stage != "fit":
             return
+        check_composition(trainer)
         target = getattr(pl_module, "unet", None)
         if self.module_name == "unet.class_embedding" and target is not None and getattr(target, "class_embedding", None) is None:
             raise ValueError(
@@ -152,6 +156,8 @@ class LabelRandomization(Callback):
         >>> trainer = pl.Trainer(callbacks=[cb])  # doctest: +SKIP
     """
 
+    declaration = declare("labels", domain="diffusion")
+
     def __init__(self, p: float = 0.1, num_classes: int | None = None, label_key: str = "label", seed: int = 0) -> None:
         super().__init__()
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
@@ -165,6 +171,8 @@ class LabelRandomization(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Read ``num_classes`` from the module when not given."""
+        if stage == "fit":
+            check_composition(trainer)
         if stage == "fit" and self.num_classes is None:
             n = getattr(pl_module, "num_classes", None)
             if not isinstance(n, int) or n < 2:

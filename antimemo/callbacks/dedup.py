@@ -1,13 +1,16 @@
 """``DedupSampling``: train so that each duplicate cluster counts once, by adding one callback.
 
-Mechanism (Lightning 2.x). At ``setup("fit")`` the callback wraps the ``dataloader()`` method of
-the fit loop's train data source (``trainer.fit_loop._data_source``, the object that calls your
-``train_dataloader()``). Every time Lightning requests the train loader (at fit start and on each
-``reload_dataloaders_every_n_epochs``), the wrapper builds or checks the
+Mechanism (Lightning 2.x). At ``setup("fit")`` the callback registers a transform, at order 100,
+on the trainer's train-loader chain (:class:`antimemo.callbacks._seams.LoaderSeam`, the one
+owner of the patch of Lightning's train-loader request). Every time Lightning requests the train
+loader (at fit start and on each ``reload_dataloaders_every_n_epochs``), the transform builds or
+checks the
 :class:`~antimemo.dedup.DuplicateIndex`, creates a :class:`~antimemo.sampling.DedupSampler` for
 this rank, and re-creates your DataLoader around it with Lightning's own ``_update_dataloader``
 (the function Lightning uses to inject its ``DistributedSampler``), before Lightning measures its
-length. ``teardown("fit")`` removes the wrapper. Your DataModule and DataLoader code is unchanged.
+length. ``teardown("fit")`` unregisters it. Under ``DifferentialPrivacy`` (order 1000) with
+``policy='drop'`` or ``'cap'``, DP Poisson-samples the kept examples
+(:meth:`~antimemo.sampling.DedupSampler.kept_indices`); ``'downweight'`` is refused there. Your DataModule and DataLoader code is unchanged.
 
 Distributed training: ``DedupSampler`` subclasses ``DistributedSampler`` and shards itself
 (``rank``, ``world_size`` from the trainer), so with ``use_distributed_sampler=True`` Lightning
@@ -34,9 +37,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
 
+from antimemo.callbacks._seams import loader_seam
 from antimemo.dedup.datasets import dataset_view
 from antimemo.dedup.index import DuplicateIndex, dataset_content_hashes
 from antimemo.sampling import DedupSampler, check_policy
+from antimemo.callbacks._interactions import check_composition, declare
 
 __all__ = ["DedupSampling"]
 
@@ -68,6 +73,8 @@ class DedupSampling(pl.Callback):
         >>> cb = DedupSampling(policy="drop")
         >>> trainer = pl.Trainer(callbacks=[cb], max_epochs=1, logger=False)  # doctest: +SKIP
     """
+
+    declaration = declare("sampler", note="train-loader chain, order 100")
 
     def __init__(
         self,
@@ -114,25 +121,18 @@ class DedupSampling(pl.Callback):
 
     # ------------------------------------------------------------------ installation
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Wrap the fit loop's train-dataloader request (stage ``"fit"`` only)."""
+        """Register the sampler on the trainer's train-loader chain (stage ``"fit"`` only)."""
         if stage != "fit":
             return
-        source = trainer.fit_loop._data_source
-        if "dataloader" in vars(source):  # left over from an interrupted fit
-            del source.dataloader
-        original = source.dataloader
-
-        def dataloader() -> Any:
-            return self._inject(trainer, original())
-
-        source.dataloader = dataloader
-        self._patched = source
+        check_composition(trainer)
+        if self._patched is not None:
+            self._patched.remove()
+        self._patched = loader_seam(trainer).register(self, 100, lambda loader: self._inject(trainer, loader))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Remove the wrapper."""
+        """Unregister from the train-loader chain."""
         if stage == "fit" and self._patched is not None:
-            if "dataloader" in vars(self._patched):
-                del self._patched.dataloader
+            self._patched.remove()
             self._patched = None
 
     # ------------------------------------------------------------------ index and sampler

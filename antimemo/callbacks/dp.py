@@ -29,7 +29,6 @@ What the callback changes, and when (Lightning 2.6 hook order):
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -37,16 +36,21 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler
+from torch import Tensor
+from torch.utils.data import DataLoader
 
-from antimemo.dp.accounting import ACCOUNTANTS, compute_epsilon, noise_multiplier_for, steps_within_budget
-from antimemo.dp.hf import PerSequenceLoss, find_causal_lms, install_batched_position_ids, register_grad_samplers
+from antimemo.dp.accounting import compute_epsilon, noise_multiplier_for, steps_within_budget
+from antimemo.callbacks._seams import causal_lms, grad_seam, loader_seam, loss_seam, per_sequence_reduction
+from antimemo.dp.config import check_dp_arguments
+from antimemo.dp.hf import install_batched_position_ids, register_grad_samplers
+from antimemo.dp.loader import poisson_loader
+from antimemo.dp.validate import check_no_tied_ghost, validate_model
+from antimemo.sampling import DedupSampler
 from antimemo.dp.sampler import EmptySafeCollate, PoissonBatchSampler, mix_seed
+from antimemo.callbacks._interactions import check_composition, declare
 
 __all__ = ["DifferentialPrivacy"]
 
-_GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 _NOISE_STREAM = 0x6E6F697365  # "noise": tag of the noise generator's seed stream
 _SUPPORTED_PRECISIONS = ("32-true", "32", "64-true", "64", "bf16-mixed", "bf16-true")
 
@@ -59,10 +63,6 @@ def _import_opacus() -> Any:
             "DifferentialPrivacy needs Opacus, which is not installed; install it with pip install 'antimemo[dp]'"
         ) from err
     return opacus
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 def _batch_size(batch: Any) -> int | None:
@@ -139,6 +139,8 @@ class DifferentialPrivacy(pl.Callback):
         'rdp'
     """
 
+    declaration = declare("loss", "grads", "sampler", "optimizer", note="per-sequence reduction, Poisson sampling (order 1000), DP optimizer")
+
     def __init__(
         self,
         noise_multiplier: float | None = None,
@@ -153,54 +155,10 @@ class DifferentialPrivacy(pl.Callback):
         fix: bool = False,
     ) -> None:
         super().__init__()
-        if (noise_multiplier is None) == (target_epsilon is None):
-            raise ValueError(
-                "pass exactly one of noise_multiplier or target_epsilon, got "
-                f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}; e.g. "
-                "DifferentialPrivacy(noise_multiplier=1.0) or DifferentialPrivacy(target_epsilon=8.0)"
-            )
-        if noise_multiplier is not None and not (_is_number(noise_multiplier) and 0 <= noise_multiplier < math.inf):
-            raise ValueError(
-                f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}; e.g. noise_multiplier=1.0 "
-                "(0 clips without noise: epsilon is inf)"
-            )
-        if target_epsilon is not None and not (_is_number(target_epsilon) and 0 < target_epsilon < math.inf):
-            raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}; e.g. target_epsilon=8.0")
-        if delta is not None and not (_is_number(delta) and 0 < delta < 1):
-            raise ValueError(
-                f"delta must be in (0, 1) and below 1/N for N training examples, got {delta!r}; "
-                "or None for 1/(10 N)"
-            )
-        if not (_is_number(max_grad_norm) and 0 < max_grad_norm < math.inf):
-            raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}; e.g. max_grad_norm=1.0")
-        if epochs is not None:
-            if target_epsilon is None:
-                raise ValueError(
-                    f"epochs={epochs!r} is only used with target_epsilon (it sets the number of epochs the noise "
-                    "is computed for); with noise_multiplier leave epochs=None and set Trainer(max_epochs)"
-                )
-            if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-                raise ValueError(f"epochs must be an integer >= 1 or None for Trainer(max_epochs), got {epochs!r}")
-        if accountant not in ACCOUNTANTS:
-            raise ValueError(
-                f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}; 'prv' (the Opacus default) is the tightest"
-            )
-        if not isinstance(poisson_sampling, bool):
-            raise TypeError(f"poisson_sampling must be a bool, got {poisson_sampling!r}")
-        if not poisson_sampling:
-            raise ValueError(
-                "poisson_sampling=False is not supported: Opacus' accountants assume Poisson sampling, and for "
-                "fixed-size shuffled batches their epsilon is not a guarantee (it can underestimate the real one); "
-                "keep poisson_sampling=True (batch sizes then vary around batch_size)"
-            )
-        if grad_sample_mode not in _GRAD_SAMPLE_MODES:
-            raise ValueError(
-                f"grad_sample_mode must be one of {_GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}; 'ew' and 'ghost_fsdp' "
-                "need Opacus' module wrapper or FSDP, which this callback does not use"
-            )
-        for name, value in (("secure_mode", secure_mode), ("fix", fix)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {value!r}")
+        check_dp_arguments(
+            noise_multiplier, target_epsilon, delta, max_grad_norm, epochs, accountant, poisson_sampling,
+            grad_sample_mode, secure_mode, fix,
+        )
         opacus = _import_opacus()
         if secure_mode:
             try:
@@ -252,10 +210,12 @@ class DifferentialPrivacy(pl.Callback):
         self._hooks: Any = None
         self._dp_optimizer: Any = None
         self._original_optimizer: Any = None
-        self._loss_fns: list[PerSequenceLoss] = []
+        self._seams: list[Any] = []
+        self._seam_handles: list[Any] = []
         self._pos_handles: list[Any] = []
-        self._source: Any = None
-        self._source_had_attr = False
+        self._loader_handle: Any = None
+        self._grad_handle: Any = None
+        self._grad_seam: Any = None
         self._ddp_model: Any = None
         self._patched_backward = False
         self._pl_module: pl.LightningModule | None = None
@@ -297,9 +257,7 @@ class DifferentialPrivacy(pl.Callback):
             return
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-        others = [cb for cb in trainer.callbacks if isinstance(cb, DifferentialPrivacy) and cb is not self]
-        if others:
-            raise ValueError("Trainer(callbacks=...) holds more than one DifferentialPrivacy callback; keep exactly one")
+        check_composition(trainer)
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"DifferentialPrivacy does not support Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}): "
@@ -332,105 +290,41 @@ class DifferentialPrivacy(pl.Callback):
         self.world_size = int(trainer.world_size)
         self.rank = int(trainer.global_rank)
         self._seed = int(strategy.broadcast(int(torch.initial_seed()) % (1 << 63), src=0))
-        self._validate_model(pl_module)
+        self.fixed_layers = validate_model(pl_module, self.fix) or self.fixed_layers
         register_grad_samplers()
-        self._wrap_train_source(trainer)
-
-    def _validate_model(self, pl_module: nn.Module) -> None:
-        from opacus.grad_sample import GradSampleHooks
-        from opacus.utils.module_utils import trainable_modules
-        from opacus.validators import ModuleValidator
-
-        def problems() -> list[tuple[str, nn.Module, str]]:
-            out = []
-            for name, sub in trainable_modules(pl_module):
-                if type(sub) in ModuleValidator.VALIDATORS:
-                    for err in ModuleValidator.VALIDATORS[type(sub)](sub):
-                        out.append((name, sub, str(err)))
-            for err_name, sub in trainable_modules(pl_module):
-                if list(sub.buffers(recurse=False)) and not any(n == err_name for n, _, _ in out):
-                    out.append((err_name, sub, "a trainable layer with buffers (its state mixes samples)"))
-            return out
-
-        found = problems()
-        if found and self.fix:
-            for name, sub, _ in found:
-                if type(sub) not in ModuleValidator.FIXERS:
-                    continue
-                new = ModuleValidator.FIXERS[type(sub)](sub)
-                params = list(sub.parameters())
-                if params:
-                    new.to(params[0].device)
-                parent_name, _, child = name.rpartition(".")
-                parent = pl_module.get_submodule(parent_name) if parent_name else pl_module
-                parent._modules[child] = new
-                self.fixed_layers.append(f"{name}: {type(sub).__name__} -> {type(new).__name__}")
-            if self.fixed_layers:
-                warnings.warn(
-                    "DifferentialPrivacy(fix=True) replaced layers Opacus does not support: "
-                    + "; ".join(self.fixed_layers),
-                    UserWarning,
-                    stacklevel=3,
-                )
-            found = problems()
-        if found:
-            lines = [f"  {name or '<root>'} ({type(sub).__name__}): {reason.split('. ')[0]}" for name, sub, reason in found]
-            hint = (
-                "pass DifferentialPrivacy(fix=True) to replace them (BatchNorm -> GroupNorm, LSTM -> DPLSTM, "
-                "MultiheadAttention -> DPMultiheadAttention)"
-                if not self.fix
-                else "fix=True has no replacement for these; change the model"
-            )
-            raise ValueError("DifferentialPrivacy cannot train these layers privately:\n" + "\n".join(lines) + "\n" + hint)
-        errors = GradSampleHooks.validate(pl_module, strict=False)
-        if errors:  # pragma: no cover - covered by the buffer check above
-            raise ValueError(f"DifferentialPrivacy: Opacus rejects the model: {errors}")
-
-    def _wrap_train_source(self, trainer: pl.Trainer) -> None:
-        source = trainer.fit_loop._data_source
-        if self._source is source:
-            return
-        original = source.dataloader
-        self._source = source
-        self._source_had_attr = "dataloader" in vars(source)
-        self._source_original = original
-
-        def dataloader() -> Any:
-            return self._poisson_loader(original())
-
-        source.dataloader = dataloader
+        if self._loader_handle is not None:
+            self._loader_handle.remove()
+        self._loader_handle = loader_seam(trainer).register(self, 1000, self._poisson_loader)
+        if self._grad_handle is not None:
+            self._grad_handle.remove()
+        self._grad_seam = grad_seam(trainer)
+        self._grad_handle = self._grad_seam.claim(self)
 
     def _poisson_loader(self, loader: Any) -> DataLoader:
-        if not isinstance(loader, DataLoader):
-            raise TypeError(
-                "DifferentialPrivacy needs train_dataloader() to return one torch.utils.data.DataLoader (it replaces "
-                f"its sampling by Poisson sampling), got {type(loader).__name__}"
-            )
-        dataset = loader.dataset
-        if isinstance(dataset, IterableDataset):
-            raise TypeError(
-                "DifferentialPrivacy needs a map-style training dataset (Poisson sampling draws indices), got the "
-                f"IterableDataset {type(dataset).__name__}"
-            )
-        n = len(dataset)  # type: ignore[arg-type]
-        if loader.batch_size is None:
-            raise ValueError(
-                "the train DataLoader has batch_size=None (a custom batch_sampler); DifferentialPrivacy samples "
-                "batches itself at rate q = batch_size * world_size / len(dataset) and needs DataLoader(batch_size=...)"
-            )
-        per_rank = int(loader.batch_size)
-        q = per_rank * self.world_size / n
-        if q > 1:
-            raise ValueError(
-                f"batch_size={per_rank} x world_size={self.world_size} exceeds the {n} training examples; "
-                "lower the batch size"
-            )
+        """The train-loader chain's last transform: Poisson sampling over the (kept) examples."""
+        kept = None
         sampler = getattr(loader, "sampler", None)
-        if sampler is not None and not isinstance(sampler, (RandomSampler, SequentialSampler)):
-            rank_zero_warn(
-                f"DifferentialPrivacy replaces the train loader's {type(sampler).__name__} by Poisson sampling "
-                f"(every example included with probability q={q:.4g} per step); its weighting/ordering is not used"
-            )
+        if isinstance(sampler, DedupSampler):
+            kept = sampler.kept_indices()
+            if kept is None:  # refused at setup; reached only if the policy changed since
+                raise ValueError(
+                    "DifferentialPrivacy cannot Poisson-sample DedupSampling(policy='downweight'); use policy='drop' "
+                    "or 'cap'"
+                )
+        generator = None
+        if self.secure_mode:
+            import torchcsprng as csprng
+
+            generator = csprng.create_random_device_generator("/dev/urandom")
+        new, q, n = poisson_loader(
+            loader,
+            world_size=self.world_size,
+            rank=self.rank,
+            seed=self._seed,
+            start_draw=self.steps,
+            generator=generator,
+            kept_indices=kept,
+        )
         delta_default = 1.0 / (10 * n)
         if self.delta_arg is not None and self.delta_arg >= 1.0 / n:
             raise ValueError(
@@ -447,35 +341,7 @@ class DifferentialPrivacy(pl.Callback):
         self.delta = self.delta_arg if self.delta_arg is not None else delta_default
         if self._dp_optimizer is not None:
             self._dp_optimizer.expected_batch_size = q * n / self.world_size
-        generator = None
-        if self.secure_mode:
-            import torchcsprng as csprng
-
-            generator = csprng.create_random_device_generator("/dev/urandom")
-        batch_sampler = PoissonBatchSampler(
-            None,
-            batch_size=per_rank,
-            num_samples=n,
-            sample_rate=q,
-            rank=self.rank,
-            world_size=self.world_size,
-            seed=self._seed,
-            start_draw=self.steps,
-            generator=generator,
-        )
-        kwargs: dict[str, Any] = {
-            "num_workers": loader.num_workers,
-            "pin_memory": loader.pin_memory,
-            "timeout": loader.timeout,
-            "worker_init_fn": loader.worker_init_fn,
-            "multiprocessing_context": loader.multiprocessing_context,
-            "persistent_workers": loader.persistent_workers,
-        }
-        if loader.num_workers > 0:
-            kwargs["prefetch_factor"] = loader.prefetch_factor
-        return DataLoader(
-            dataset, batch_sampler=batch_sampler, collate_fn=EmptySafeCollate(loader.collate_fn, dataset), **kwargs
-        )
+        return new
 
     # ------------------------------------------------------------------ train start
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -495,10 +361,10 @@ class DifferentialPrivacy(pl.Callback):
         from opacus.optimizers import DPOptimizer, get_optimizer_class
         from opacus.utils.module_utils import trainable_parameters
 
-        self._validate_model(pl_module)
+        self.fixed_layers = validate_model(pl_module, self.fix) or self.fixed_layers
         if self._hooks is None:
             if self.grad_sample_mode == "ghost":
-                self._check_no_tied_ghost(pl_module)
+                check_no_tied_ghost(pl_module)
                 self._hooks = GradSampleHooksFastGradientClipping(
                     pl_module,
                     batch_first=True,
@@ -554,7 +420,7 @@ class DifferentialPrivacy(pl.Callback):
             generator=generator,
             secure_mode=self.secure_mode,
         )
-        dp_opt.attach_step_hook(self._account_step)
+        dp_opt.attach_step_hook(self._after_noise)
         self._original_optimizer = original
         self._dp_optimizer = dp_opt
         trainer.strategy.optimizers = [dp_opt]
@@ -567,11 +433,10 @@ class DifferentialPrivacy(pl.Callback):
             self._ddp_model = trainer.strategy.model
             self._ddp_model.require_backward_grad_sync = False
 
-        self._loss_fns = []
-        for lm in find_causal_lms(pl_module):
-            if not isinstance(vars(lm).get("_loss_function"), PerSequenceLoss):
-                lm.loss_function = PerSequenceLoss(lm)
-            self._loss_fns.append(lm.loss_function)
+        for handle in self._seam_handles:
+            handle.remove()
+        self._seams = [loss_seam(lm) for lm in causal_lms(pl_module)]
+        self._seam_handles = [seam.set_reduction(self, per_sequence_reduction) for seam in self._seams]
         self._pos_handles = install_batched_position_ids(pl_module)
         if self.grad_sample_mode == "ghost":
             self._patch_backward(pl_module)
@@ -603,22 +468,6 @@ class DifferentialPrivacy(pl.Callback):
                 "DifferentialPrivacy: trainer.train_dataloader is not the Poisson-sampling loader it built "
                 f"(got {type(loader).__name__} with batch sampler {type(bs).__name__}); refusing to train without "
                 "Poisson sampling at the accounted rate"
-            )
-
-    def _check_no_tied_ghost(self, pl_module: nn.Module) -> None:
-        from opacus.grad_sample import GradSampleHooksFastGradientClipping
-
-        owners: dict[int, list[str]] = {}
-        for name, sub in pl_module.named_modules(remove_duplicate=False):
-            if type(sub) in GradSampleHooksFastGradientClipping.NORM_SAMPLERS:
-                for p in sub.parameters(recurse=False):
-                    if p.requires_grad:
-                        owners.setdefault(id(p), []).append(name)
-        tied = [names for names in owners.values() if len(set(names)) > 1]
-        if tied:
-            raise ValueError(
-                f"grad_sample_mode='ghost' does not support parameters shared between layers (Opacus ghost clipping), "
-                f"found {tied[0]}; untie them (e.g. tie_word_embeddings=False) or use grad_sample_mode='hooks'"
             )
 
     def _planned_steps(self, trainer: pl.Trainer) -> int:
@@ -687,6 +536,13 @@ class DifferentialPrivacy(pl.Callback):
         self.stopped_by_budget = True
         trainer.should_stop = True
 
+    def _after_noise(self, optimizer: Any) -> None:
+        """Opacus' step hook, after clipping, noise and scaling: account the step, then add the
+        data-independent gradient terms (e.g. SpectralNormPenalty's) to the private gradient."""
+        self._account_step(optimizer)
+        if self._grad_seam is not None:
+            self._grad_seam.flush()
+
     def _account_step(self, optimizer: Any) -> None:
         assert self.sample_rate is not None
         self._accountant.step(
@@ -697,12 +553,12 @@ class DifferentialPrivacy(pl.Callback):
         from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
         def ghost_backward(loss: Tensor, *args: Any, **kwargs: Any) -> None:
-            called = [fn for fn in self._loss_fns if fn.calls > 0]
+            called = [seam for seam in self._seams if seam.calls > 0]
             if len(called) != 1 or called[0].calls != 1 or called[0].last_per_sequence is None:
                 raise RuntimeError(
                     "grad_sample_mode='ghost' needs the per-sequence losses of the batch, which the callback takes "
                     "from exactly one Hugging Face causal LM called once with labels= in training_step "
-                    f"(found {sum(fn.calls for fn in self._loss_fns)} such calls); use grad_sample_mode='hooks' "
+                    f"(found {sum(seam.calls for seam in self._seams)} such calls); use grad_sample_mode='hooks' "
                     "for other models"
                 )
             fn = called[0]
@@ -729,8 +585,8 @@ class DifferentialPrivacy(pl.Callback):
                 "batches must hold tensors whose first dimension is the batch"
             )
         self._steps_before_batch = self.steps
-        for fn in self._loss_fns:
-            fn.reset()
+        for seam in self._seams:
+            seam.open((trainer.global_step, batch_idx))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         """Verify that the step about to happen is a DP step on per-sample gradients of this batch."""
@@ -767,7 +623,7 @@ class DifferentialPrivacy(pl.Callback):
         if not ghost and not self._checked_sum and b:
             self._check_per_sample_sum(trainer, params, b)
             self._checked_sum = True
-        if self._loss_fns and not self._warned_loss and not any(fn.calls for fn in self._loss_fns):
+        if self._seams and not self._warned_loss and not any(seam.calls for seam in self._seams):
             self._warned_loss = True
             rank_zero_warn(
                 "DifferentialPrivacy: the LightningModule holds a Hugging Face causal LM but its training loss did not "
@@ -811,6 +667,8 @@ class DifferentialPrivacy(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         """Verify that exactly one DP step was accounted; stop when the budget allows no further step."""
+        for seam in self._seams:
+            seam.close()
         taken = self.steps - self._steps_before_batch
         if taken != 1:
             raise RuntimeError(
@@ -840,9 +698,9 @@ class DifferentialPrivacy(pl.Callback):
         for h in self._pos_handles:
             h.remove()
         self._pos_handles = []
-        for lm in find_causal_lms(pl_module):
-            PerSequenceLoss.uninstall(lm)
-        self._loss_fns = []
+        for handle in self._seam_handles:
+            handle.remove()
+        self._seam_handles, self._seams = [], []
         if self._patched_backward:
             vars(pl_module).pop("backward", None)
             self._patched_backward = False
@@ -860,12 +718,12 @@ class DifferentialPrivacy(pl.Callback):
                         delattr(p, attr)
         self._dp_optimizer = None
         self._original_optimizer = None
-        if self._source is not None:
-            if self._source_had_attr:
-                self._source.dataloader = self._source_original
-            else:
-                vars(self._source).pop("dataloader", None)
-            self._source = None
+        for attr in ("_loader_handle", "_grad_handle"):
+            handle = getattr(self, attr)
+            if handle is not None:
+                handle.remove()
+                setattr(self, attr, None)
+        self._grad_seam = None
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from antimemo.callbacks._lm_loss_hook import check_key, resolve_module
+from antimemo.callbacks._interactions import check_composition, declare
 from antimemo.functional.regularizers import (
     _check_example_ids,
     _check_p_fixed,
@@ -114,6 +115,8 @@ class ExampleTiedDropout(pl.Callback):
         {'p_fixed': 0.2, 'p_mem': 0.1, 'seed': 0}
     """
 
+    declaration = declare("model", domain="lm", note="forward hooks on MLP outputs")
+
     def __init__(
         self,
         p_fixed: float = 0.2,
@@ -202,6 +205,8 @@ class ExampleTiedDropout(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Attach the hooks to ``pl_module.<module_name>``."""
+        if stage == "fit":
+            check_composition(trainer)
         self.attach(resolve_module(pl_module, self.module_name, "ExampleTiedDropout"))
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -17,6 +17,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from antimemo.callbacks._interactions import check_composition, declare
+from antimemo.callbacks._seams import causal_lms, loss_seam, same_labels, track_use, was_used
 from antimemo.functional.goldfish import (
     _check_exempt,
     _check_h,
@@ -87,6 +89,16 @@ class GoldfishTokenDropout(pl.Callback):
     was trained with other values, because resuming with another hash silently changes which
     targets the model is allowed to learn.
 
+    **Proof that the labels reached the loss.** Goldfish only works if ``training_step`` passes
+    the rewritten ``batch[labels_key]`` to the loss. After each training step's forward (in
+    ``on_before_backward``, so before any update) the callback checks it: when the
+    LightningModule holds a Hugging Face causal LM that was called with ``labels=`` in the step,
+    those labels must equal the rewritten ones; otherwise the rewritten labels tensor must have
+    been read by some torch operation (a loss computed by hand from ``batch["labels"]``). If
+    not, it raises and shows the one-line fix: a ``training_step`` that passes
+    ``labels=batch["input_ids"]`` would otherwise train without goldfish while logging a dropped
+    fraction.
+
     Args:
         k: drop about one target in ``k`` (integer ``>= 2``).
         h: number of preceding tokens hashed (integer ``>= 1``).
@@ -104,6 +116,8 @@ class GoldfishTokenDropout(pl.Callback):
         >>> GoldfishTokenDropout.pretraining().k
         50
     """
+
+    declaration = declare("labels", domain="lm", note="rewrites batch[labels_key]; verified to reach the loss")
 
     def __init__(
         self,
@@ -131,6 +145,9 @@ class GoldfishTokenDropout(pl.Callback):
                 raise TypeError(f"{name} must be a non-empty string batch key, got {value!r}")
         self.input_ids_key = input_ids_key
         self.labels_key = labels_key
+        self._seam_handles: list[Any] = []
+        self._seams: list[Any] = []
+        self._expected: Tensor | None = None
         self._epoch_counts: Tensor | None = None  # [dropped, supervised] this epoch
         self._window_counts: Tensor | None = None  # the same since the last step log
         self._last_logged_step = -1
@@ -233,6 +250,53 @@ class GoldfishTokenDropout(pl.Callback):
         supervised = supervised_before[..., 1:].sum()
         return dropped, supervised
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check the callbacks compose; watch the labels every Hugging Face causal LM receives (fit only)."""
+        if stage != "fit":
+            return
+        check_composition(trainer)
+        self._release()
+        self._seams = [loss_seam(lm) for lm in causal_lms(pl_module)]
+        self._seam_handles = [seam.observe(self) for seam in self._seams]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Stop watching the models' labels (fit only)."""
+        if stage == "fit":
+            self._release()
+
+    def _release(self) -> None:
+        for handle in self._seam_handles:
+            handle.remove()
+        self._seam_handles, self._seams, self._expected = [], [], None
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """Raise if the rewritten labels did not reach the loss of this training step."""
+        expected, self._expected = self._expected, None
+        if expected is None:
+            return
+        seen = [labels for seam in self._seams for labels in seam.labels_seen]
+        key = self.labels_key
+        fix = (
+            f"pass the rewritten labels to the loss, e.g. loss = self.model(input_ids=batch[{self.input_ids_key!r}], "
+            f"attention_mask=batch.get('attention_mask'), labels=batch[{key!r}]).loss"
+        )
+        if seen:
+            if not any(same_labels(labels, expected) for labels in seen):
+                names = ", ".join(sorted({type(seam.model).__name__ for seam in self._seams}))
+                raise RuntimeError(
+                    f"GoldfishTokenDropout rewrote batch[{key!r}], but the model ({names}) was called with other "
+                    f"labels in training_step (e.g. labels=batch[{self.input_ids_key!r}]), so no target was dropped "
+                    f"from the loss. Fix: {fix}"
+                )
+            return
+        if not was_used(expected):
+            raise RuntimeError(
+                f"GoldfishTokenDropout rewrote batch[{key!r}], but training_step never read it (no Hugging Face "
+                f"causal LM was called with labels=, and no torch operation used batch[{key!r}]), so goldfish had no "
+                f"effect on the loss. Fix: {fix}; or, for a hand-written loss, "
+                f"F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[{key!r}][:, 1:].flatten(), ignore_index=-100)"
+            )
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Reset the epoch's dropped / supervised counts."""
         self._epoch_counts = None
@@ -243,6 +307,9 @@ class GoldfishTokenDropout(pl.Callback):
     ) -> None:
         """Mask the training batch's labels and add its counts to the running totals."""
         dropped, supervised = self.apply(batch)
+        batch[self.labels_key] = self._expected = track_use(batch[self.labels_key])
+        for seam in self._seams:
+            seam.open((trainer.global_step, batch_idx))
         counts = torch.stack((dropped, supervised))
         if self._epoch_counts is None or self._epoch_counts.device != counts.device:
             self._epoch_counts = torch.zeros_like(counts)
@@ -259,6 +326,8 @@ class GoldfishTokenDropout(pl.Callback):
         batch_idx: int,
     ) -> None:
         """Log ``goldfish/dropped_fraction_step`` on Lightning's logging cadence."""
+        for seam in self._seams:
+            seam.close()
         if self._window_counts is None or not self._log_due(trainer):
             return
         counts = self._reduce(trainer, self._window_counts)

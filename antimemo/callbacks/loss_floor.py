@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor
-
 from antimemo.callbacks._lm_loss_hook import SequenceLossCallback
-from antimemo.functional.regularizers import _check_floor, sequence_flooding_loss
+from antimemo.callbacks._seams import SequenceLosses
+from antimemo.functional.regularizers import _check_floor, flood
+from antimemo.callbacks._interactions import declare
 
 __all__ = ["LossFloor"]
 
@@ -49,7 +47,10 @@ class LossFloor(SequenceLossCallback):
         0.5
     """
 
+    declaration = declare("loss", domain="lm", note="stage 200 of the loss chain")
+
     _log_prefix = "loss_floor"
+    _order = 200
 
     def __init__(self, floor: float = 0.5, module_name: str = "model", ignore_index: int = -100) -> None:
         super().__init__(module_name=module_name, ignore_index=ignore_index)
@@ -61,7 +62,7 @@ class LossFloor(SequenceLossCallback):
     def _enabled(self) -> bool:
         return self.floor > 0
 
-    def _reduce(self, losses: Tensor, num_targets: Tensor, num_items: Any) -> Tensor:
-        below = (losses.detach() < self.floor) & (num_targets > 0)
+    def _stage(self, seq: SequenceLosses) -> None:
+        below = (seq.values.detach() < self.floor) & (seq.num_targets > 0)
         self._stats["below_floor_fraction"] = below.float().mean()
-        return sequence_flooding_loss(losses, num_targets, self.floor, num_items)
+        seq.values = flood(seq.values, self.floor)

@@ -11,7 +11,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from antimemo.callbacks._lm_loss_hook import SequenceLossCallback
-from antimemo.functional.regularizers import _check_c, loss_truncation_loss, truncation_threshold
+from antimemo.callbacks._seams import SequenceLosses
+from antimemo.functional.regularizers import _check_c, truncation_threshold
+from antimemo.callbacks._interactions import declare
 
 __all__ = ["LossTruncation"]
 
@@ -82,7 +84,10 @@ class LossTruncation(SequenceLossCallback):
         0
     """
 
+    declaration = declare("loss", domain="lm", note="stage 100 of the loss chain")
+
     _log_prefix = "loss_truncation"
+    _order = 100
 
     def __init__(
         self, c: float = 0.4, buffer_size: int = 1000, module_name: str = "model", ignore_index: int = -100
@@ -135,15 +140,15 @@ class LossTruncation(SequenceLossCallback):
         self.buffer[index] = values
         self.count += m
 
-    def _reduce(self, losses: Tensor, num_targets: Tensor, num_items: Any) -> Tensor | None:
-        self._insert(self._gather(losses.detach().float()))
+    def _stage(self, seq: SequenceLosses) -> None:
+        self._insert(self._gather(seq.raw.detach().float()))
         if not self.warmed_up:
-            return None
+            return
         threshold = truncation_threshold(self.buffer, self.c)
         self._stats["threshold"] = threshold
-        kept = (losses.detach() <= threshold) & (num_targets > 0)
-        self._stats["dropped_fraction"] = 1.0 - kept.float().sum() / (num_targets > 0).sum().clamp_min(1)
-        return loss_truncation_loss(losses, num_targets, self.c, reference=self.buffer, num_items=num_items)
+        kept = (seq.raw.detach() <= threshold.to(seq.raw.device)) & (seq.num_targets > 0)
+        self._stats["dropped_fraction"] = 1.0 - kept.float().sum() / (seq.num_targets > 0).sum().clamp_min(1)
+        seq.weights = seq.weights * (seq.raw.detach() <= threshold.to(seq.raw.device)).to(seq.weights.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"c", "buffer_size", "count", "buffer"}``: the rolling buffer (CPU float32) and losses seen."""

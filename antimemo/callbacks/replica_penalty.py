@@ -30,6 +30,7 @@ from torch import Tensor
 
 from antimemo.callbacks._fit_handle import FitHandle
 from antimemo.functional.replica import replica_penalty
+from antimemo.callbacks._interactions import check_composition, declare
 
 __all__ = ["ReplicaPenalty"]
 
@@ -55,6 +56,8 @@ class ReplicaPenalty(FitHandle):
         >>> trainer = pl.Trainer(callbacks=[cb])  # doctest: +SKIP
     """
 
+    declaration = declare("loss", domain="diffusion")
+
     def __init__(self, strength: float = 0.1, threshold: float = 0.8, min_noise: float = 0.98, name: str = "replica_penalty") -> None:
         super().__init__()
         if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not strength >= 0 or strength == float("inf"):
@@ -70,6 +73,7 @@ class ReplicaPenalty(FitHandle):
         """Register the loss term (fit only; nothing for ``strength=0``)."""
         if stage != "fit":
             return
+        check_composition(trainer)
         if not callable(getattr(pl_module, "add_loss_term", None)):
             raise TypeError(
                 f"ReplicaPenalty needs a module with add_loss_term(name, fn) (antimemo.diffusion.DiffusionModule); "

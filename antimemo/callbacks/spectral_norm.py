@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from antimemo.callbacks._lm_loss_hook import check_key, resolve_module
+from antimemo.callbacks._seams import grad_seam
+from antimemo.callbacks._interactions import check_composition, declare
 from antimemo.functional.regularizers import (
     _check_lam,
     _check_n_power_iterations,
@@ -85,6 +87,12 @@ class SpectralNormPenalty(pl.Callback):
     (:func:`antimemo.functional.init_power_iteration_vectors`) and are updated from the same
     weights. Sharded strategies (FSDP, DeepSpeed) are not supported.
 
+    Under :class:`~antimemo.callbacks.DifferentialPrivacy` the DP optimizer replaces ``W.grad`` by
+    the clipped, noised sum of per-sample gradients, so the term is handed to the gradient seam
+    and added right after the noise (:mod:`antimemo.callbacks._seams`). It depends on the weights
+    only, which are already private, so the privacy guarantee is unchanged and the penalty acts
+    as it does without DP.
+
     ``lam=0`` adds nothing (plain training, bit for bit); the vectors are still updated, so
     ``spectral_norm/sigma_sum`` can be compared across runs. Logged each step:
     ``spectral_norm/sigma_sum`` (``sum_k sigma_k``) and ``spectral_norm/penalty``
@@ -105,6 +113,8 @@ class SpectralNormPenalty(pl.Callback):
         >>> cb.lam
         0.01
     """
+
+    declaration = declare("grads", note="a data-independent gradient term")
 
     def __init__(self, lam: float = 0.01, n_power_iterations: int = 1, seed: int = 0, module_name: str = "model") -> None:
         super().__init__()
@@ -128,6 +138,7 @@ class SpectralNormPenalty(pl.Callback):
         """Collect the matrices and initialise (or restore) the power-iteration vectors (fit only)."""
         if stage != "fit":
             return
+        check_composition(trainer)
         strategy = type(trainer.strategy).__name__
         if "FSDP" in strategy or "DeepSpeed" in strategy:
             raise ValueError(
@@ -166,6 +177,7 @@ class SpectralNormPenalty(pl.Callback):
             )
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
         sigmas = []
+        terms: list[tuple[Tensor, Tensor, Tensor]] = []
         for name in self.names:
             weight = self._params[name]
             if id(weight) not in in_optimizer:
@@ -174,8 +186,18 @@ class SpectralNormPenalty(pl.Callback):
             self.vectors[name] = u
             with torch.no_grad():
                 sigmas.append(torch.dot(u, torch.mv(weight.detach().float(), v)))
-                if self.lam > 0 and weight.grad is not None:
-                    weight.grad += torch.outer(u * (self.lam / 2), v).to(weight.grad.dtype)
+            terms.append((weight, u, v))
+        if self.lam > 0 and terms:
+            lam = self.lam
+
+            def apply() -> None:
+                with torch.no_grad():
+                    for weight, u, v in terms:
+                        if weight.grad is not None:
+                            weight.grad += torch.outer(u * (lam / 2), v).to(weight.grad.dtype)
+
+            # now, or (under DifferentialPrivacy) right after the DP optimizer has set the noised gradient
+            grad_seam(trainer).add(self, apply)
         if sigmas:
             total = torch.stack(sigmas).sum()
             self._stats = {"sigma_sum": total, "penalty": total * (self.lam / 2)}
