@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from _builders import quiet_trainer_kwargs  # tests/ is on sys.path (pytest's rootdir-relative import)
 from antimemo.callbacks import GoldfishTokenDropout, MemorizationMonitor
 from antimemo.lm import CausalLMModule, TextDataModule
 
@@ -55,13 +56,10 @@ def _fit(tmp_path, seed: int, goldfish: bool) -> tuple[pl.Trainer, MemorizationM
         max_epochs=EPOCHS,
         check_val_every_n_epoch=EPOCHS,
         callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=True,
         default_root_dir=tmp_path,
+        **quiet_trainer_kwargs(),
     )
     trainer.fit(model, datamodule=data)
     return trainer, monitor

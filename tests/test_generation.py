@@ -6,6 +6,7 @@ import pytest
 import torch
 import transformers
 
+from _builders import tiny_llama  # tests/ is on sys.path (pytest's rootdir-relative import)
 from antimemo.functional import greedy_generate
 
 VOCAB = 32
@@ -21,18 +22,7 @@ def _one_thread():
 
 
 def _tiny_llama(seed: int) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab=VOCAB, max_positions=128, seed=seed).eval()
 
 
 def _naive_greedy(model, prefixes, suffix_length):

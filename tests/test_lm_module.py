@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
+from _builders import quiet_trainer_kwargs  # tests/ is on sys.path (pytest's rootdir-relative import)
 from antimemo.lm import CausalLMModule, TextDataModule
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=64)
@@ -114,15 +115,7 @@ def test_fit_in_a_trainer_logs_losses_and_follows_the_lr_schedule(tmp_path):
     dm = TextDataModule(seq_len=16, num_train=40, num_holdout=8, batch_size=2)
     m = CausalLMModule(**TINY, lr=1e-3, warmup_steps=4, min_lr_ratio=0.1)
     rec = _LRRecorder()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        callbacks=[rec],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = pl.Trainer(max_epochs=1, callbacks=[rec], default_root_dir=tmp_path, **quiet_trainer_kwargs())
     trainer.fit(m, datamodule=dm)
     assert trainer.global_step == 20  # 40 sequences / batch 2
     assert {"train_loss_epoch", "val_loss"} <= set(trainer.callback_metrics)

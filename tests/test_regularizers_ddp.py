@@ -13,44 +13,20 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import transformers
 from torch.utils.data import DataLoader
 
+from _builders import TinyCausalLM, quiet_trainer_kwargs, token_rows  # tests/ is on sys.path
 from antimemo.callbacks.regularizers import ExampleTiedDropout, LossTruncation, SpectralNormPenalty, WithExampleIds
 from antimemo.functional.regularizers import per_sequence_lm_loss
 
 VOCAB, LENGTH = 32, 12
 
 
-def _rows(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(0, VOCAB, (LENGTH,), generator=g)} for _ in range(n)]
+TRAIN = WithExampleIds(token_rows(12, VOCAB, LENGTH, seed=400))  # 6 per rank, batch 2 per rank: 3 steps per epoch
 
 
-TRAIN = WithExampleIds(_rows(12, seed=400))  # 6 per rank, batch 2 per rank: 3 steps per epoch
-
-
-def _llama():
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return transformers.LlamaForCausalLM(config)
-
-
-class TinyLM(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.model = _llama()
-
-    def training_step(self, batch, batch_idx):
-        ids = batch["input_ids"]
-        return self.model(input_ids=ids, labels=ids).loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.5)
+def _tiny_lm():
+    return TinyCausalLM(optimizer="sgd", lr=0.5, vocab=VOCAB)  # the tiny Llama (seed 0), its own LM loss
 
 
 class Probe(pl.Callback):
@@ -94,14 +70,11 @@ def test_ddp_gathered_truncation_buffer_and_identical_spectral_vectors(tmp_path)
         devices=2,
         strategy="ddp_spawn",
         max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
+        **quiet_trainer_kwargs(),
         callbacks=[truncation, spectral, ExampleTiedDropout(p_fixed=0.5, p_mem=0.3), Probe(tmp_path, truncation, spectral)],
     )
-    trainer.fit(TinyLM(), DataLoader(TRAIN, batch_size=2))
+    trainer.fit(_tiny_lm(), DataLoader(TRAIN, batch_size=2))
 
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world_size"] == r1["world_size"] == 2
@@ -121,7 +94,7 @@ def test_ddp_gathered_truncation_buffer_and_identical_spectral_vectors(tmp_path)
     for name in r0["spectral"]["names"]:
         assert torch.equal(r0["spectral"]["u"][name], r1["spectral"]["u"][name]), name
     start = SpectralNormPenalty(lam=0.5, seed=2)
-    start.setup(pl.Trainer(logger=False), TinyLM(), "fit")
+    start.setup(pl.Trainer(logger=False), _tiny_lm(), "fit")
     assert any(not torch.equal(start.vectors[n], r0["spectral"]["u"][n]) for n in start.names)
 
     # and DDP kept the replicas identical

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers.logger import Logger
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from _builders import quiet_trainer_kwargs  # tests/ is on sys.path (pytest's rootdir-relative import)
 from antimemo import ReplicaMonitor, ReplicaRate
 from antimemo.diffusion import DiffusionModule, ImageDataset, load_digits_images
 from antimemo.functional.replica import replica_scores
@@ -89,8 +90,8 @@ class ImageLogger(Logger):
 
 def _trainer(callbacks, tmp_path, epochs=1, logger=False, **kw):
     return pl.Trainer(
-        max_epochs=epochs, callbacks=callbacks, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(tmp_path), **kw,
+        max_epochs=epochs, callbacks=callbacks, num_sanity_val_steps=0, default_root_dir=str(tmp_path),
+        **quiet_trainer_kwargs(logger=logger, **kw),
     )
 
 
