@@ -9,9 +9,10 @@ from lightning.pytorch.callbacks import Callback
 
 from antimemo import ConditioningNoise, LabelRandomization
 from antimemo.callbacks.conditioning import batch_generator
-from antimemo.diffusion import DiffusionModule
+from antimemo.diffusion import DiffusionModule, ImageDataset
+from torch.utils.data import DataLoader, default_collate
 
-from _tiny_diffusion import Y, Data, tiny  # tests/ is on sys.path (pytest's rootdir-relative import)
+from _tiny_diffusion import X, Y, Data, tiny  # tests/ is on sys.path (pytest's rootdir-relative import)
 
 
 class Recorder(Callback):
@@ -113,6 +114,80 @@ def test_label_randomization_p_zero_and_errors():
     m = DiffusionModule(image_size=8, num_classes=None, block_out_channels=(8,), norm_num_groups=4)
     with pytest.raises(ValueError, match="num_classes"):
         cb.setup(pl.Trainer(logger=False), m, "fit")
+
+
+
+class OtherKeyData(pl.LightningDataModule):
+    """Data's training batches with a copy of the labels under "class" (the key the module below reads)."""
+
+    def train_dataloader(self):
+        def collate(items):
+            batch = default_collate(items)
+            batch["class"] = batch["label"].clone()
+            return batch
+
+        return DataLoader(ImageDataset(X[:24], Y[:24]), batch_size=8, shuffle=False, collate_fn=collate)
+
+
+def _other_key_fit(cb):
+    pl.seed_everything(0)
+    m = DiffusionModule(
+        image_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=20, num_inference_steps=2,
+        label_key="class",  # conditions on batch["class"], never on batch["label"]
+    )
+    before = [p.detach().clone() for p in m.parameters()]
+    trainer = pl.Trainer(
+        max_epochs=1, callbacks=[cb], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )
+    return m, before, trainer
+
+
+def test_label_randomization_raises_when_training_step_ignores_the_rewritten_labels():
+    cb = LabelRandomization(p=1.0, seed=5)
+    m, before, trainer = _other_key_fit(cb)
+    with pytest.raises(RuntimeError) as err:
+        trainer.fit(m, datamodule=OtherKeyData())
+    msg = str(err.value)
+    assert "LabelRandomization rewrote batch['label']" in msg
+    assert "had no effect" in msg
+    assert "Fix: condition the model on the rewritten labels, e.g. self.unet(noisy, t, class_labels=batch['label'])" in msg
+    assert cb.replaced > 0  # it did rewrite them
+    # raised before the first backward: no weight moved
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_label_randomization_with_another_label_key_follows_that_key():
+    # the fix the message offers: point label_key at the key training_step reads
+    cb = LabelRandomization(p=1.0, seed=5, label_key="class")
+    m, _, trainer = _other_key_fit(cb)
+    trainer.fit(m, datamodule=OtherKeyData())
+    assert trainer.global_step == 3 and cb.replaced > 0
+
+
+def test_label_randomization_p_zero_checks_nothing():
+    cb = LabelRandomization(p=0.0)
+    m, _, trainer = _other_key_fit(cb)
+    trainer.fit(m, datamodule=OtherKeyData())  # nothing rewritten, nothing to prove
+    assert trainer.global_step == 3 and cb.replaced == 0
+
+
+def test_label_randomization_real_module_reads_the_tracked_labels():
+    class Check(Callback):
+        used = []
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            # runs after LabelRandomization's check (callbacks in list order), which cleared its record
+            self.used.append(cb._expected is None)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.used.append(type(batch["label"]).__name__)
+
+    cb = LabelRandomization(p=0.5, seed=1)
+    m, rec = _fit([cb, Check()])
+    assert Check.used == ["_UseTracked", True] * 3  # three steps, each tracked, each checked
+    assert cb.replaced > 0
+    assert torch.equal(torch.cat([lab for lab, _ in rec.train_emb]), torch.cat(rec.train_labels))
 
 
 # ----------------------------------------------------------------------------------- DDP

@@ -15,7 +15,10 @@ the callbacks keep no state.
 - :class:`LabelRandomization` (RC for class labels): with probability ``p`` each training label
   ``batch[label_key][i]`` is replaced, in place, by a label drawn uniformly from
   ``{0, ..., num_classes - 1}`` (so it may draw the same label; the expected fraction of changed
-  labels is ``p * (1 - 1 / num_classes)``).
+  labels is ``p * (1 - 1 / num_classes)``). The rewritten labels are tracked
+  (:func:`~antimemo.callbacks._seams.track_use`): if no torch operation of the training step
+  read them (a ``training_step`` that conditions on another key), ``on_before_backward`` raises
+  instead of training silently without the mitigation.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torch import Tensor, nn
 from antimemo.callbacks._fit_handle import FitHandle
 from antimemo.callbacks._lm_loss_hook import resolve_module
 from antimemo.callbacks._interactions import check_composition, declare
+from antimemo.callbacks._seams import track_use, was_used
 
 __all__ = ["ConditioningNoise", "LabelRandomization", "batch_generator"]
 
@@ -139,7 +143,9 @@ class LabelRandomization(Callback):
 
     In ``on_train_batch_start`` each label of ``batch[label_key]`` is, with probability ``p``,
     replaced in place by a uniform draw from ``{0, ..., num_classes - 1}``. Validation batches
-    are never touched.
+    are never touched. The new ``batch[label_key]`` records whether a torch operation read it;
+    if the training step never did (e.g. ``training_step`` conditions the model on another key),
+    ``on_before_backward`` raises a ``RuntimeError``: the mitigation would have had no effect.
 
     Args:
         p: replacement probability (the strength knob; 0 is plain training). Somepalli et al.'s
@@ -150,6 +156,10 @@ class LabelRandomization(Callback):
 
     Attributes:
         replaced: labels changed so far (for inspection).
+
+    Raises:
+        RuntimeError: in ``on_before_backward``, when the training step did not read the
+            rewritten ``batch[label_key]``.
 
     Example:
         >>> cb = LabelRandomization(p=0.1)
@@ -168,6 +178,7 @@ class LabelRandomization(Callback):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.p, self.num_classes, self.label_key, self.seed = float(p), num_classes, label_key, seed
         self.replaced = 0
+        self._expected: Tensor | None = None  # this batch's rewritten labels, until the backward
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Read ``num_classes`` from the module when not given."""
@@ -204,4 +215,21 @@ class LabelRandomization(Callback):
         new = torch.randint(0, n, labels.shape, generator=g)
         out = torch.where(flip, new, labels.detach().cpu()).to(device=labels.device, dtype=labels.dtype)
         self.replaced += int((out != labels).sum())
-        batch[self.label_key] = out
+        batch[self.label_key] = self._expected = track_use(out)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        """Raise if no torch operation of this training step read the rewritten labels."""
+        expected, self._expected = self._expected, None
+        if expected is None or was_used(expected):
+            return
+        key = self.label_key
+        raise RuntimeError(
+            f"LabelRandomization rewrote batch[{key!r}], but training_step never read it (no torch operation used "
+            f"batch[{key!r}]; e.g. the model was conditioned on another key), so the mitigation had no effect. Fix: "
+            f"condition the model on the rewritten labels, e.g. self.unet(noisy, t, class_labels=batch[{key!r}]), "
+            "or set LabelRandomization(label_key=...) to the key training_step reads"
+        )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Forget the batch's labels (a step that returned no loss has nothing to check)."""
+        self._expected = None
