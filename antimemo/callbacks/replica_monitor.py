@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
 from antimemo._checks import check_int
+from antimemo.callbacks._interactions import declare
 from antimemo.callbacks.monitor import (
     _cuda_in_use,
     _evaluation_due,
@@ -188,6 +189,8 @@ class ReplicaMonitor(Callback):
         >>> trainer.fit(DiffusionModule(), datamodule=DigitsDataModule())  # doctest: +SKIP
         >>> monitor.last_results["rate"]  # doctest: +SKIP
     """
+
+    declaration = declare("evaluation", domain="diffusion", repeatable=True)
 
     def __init__(
         self,
