@@ -122,10 +122,12 @@ def declared_callbacks(callbacks: Any) -> list[Any]:
     return [cb for cb in callbacks if isinstance(getattr(type(cb), "declaration", None), Declaration)]
 
 
+_FIRST = ("MemorizationBudget", "DifferentialPrivacy")  # the rules take (budget, dp), (dp, other)
+
+
 def _ordered(a: Any, b: Any, names: frozenset[str]) -> tuple[Any, Any]:
-    """``(a, b)`` in the argument order of the rule for ``names`` (DP first, budget first...)."""
-    first = sorted(names, key=lambda n: ("DifferentialPrivacy", "MemorizationBudget").index(n)
-                   if n in ("DifferentialPrivacy", "MemorizationBudget") else 9)[0]  # fmt: skip
+    """``(a, b)`` in the argument order of the rule for ``names``."""
+    first = min(names, key=lambda n: _FIRST.index(n) if n in _FIRST else len(_FIRST))
     if type(a).__name__ == first:
         return a, b
     return b, a

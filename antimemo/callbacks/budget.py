@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from antimemo._checks import is_number
 from antimemo.sections import section_class_names
+from antimemo.callbacks._interactions import check_composition, declare
 
 __all__ = ["KNOWN_KNOBS", "MemorizationBudget"]
 
@@ -106,6 +107,8 @@ class MemorizationBudget(pl.Callback):
         >>> budget.next_value(16, stronger=True), budget.next_value(16, stronger=False)
         (8, 32)
     """
+
+    declaration = declare("knob", domain="lm", note="moves another callback's knob between evaluations")
 
     def __init__(
         self,
@@ -292,6 +295,7 @@ class MemorizationBudget(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Find the controlled callback and read the knob's starting value."""
+        check_composition(trainer)
         self._target = self._find_target(trainer)
         current = getattr(self._target, self.attribute)
         if not is_number(current):

@@ -42,6 +42,7 @@ from antimemo.probes import get_rng_state as _get_rng_state
 from antimemo.probes import is_map_dataset as _is_map_dataset
 from antimemo.probes import module_modes as _module_modes
 from antimemo.probes import set_rng_state as _set_rng_state
+from antimemo.callbacks._interactions import declare
 
 __all__ = ["MemorizationMonitor"]
 
@@ -235,6 +236,8 @@ class MemorizationMonitor(Callback):
         >>> monitor.last_results["exact_match"]  # doctest: +SKIP
         0.015625
     """
+
+    declaration = declare("evaluation", domain="lm", repeatable=True, note="evaluates only; state saved/restored around it")
 
     def __init__(
         self,
