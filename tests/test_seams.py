@@ -232,3 +232,43 @@ def test_dp_keeps_the_spectral_norm_penalty():
     moved = run(1.0) - start
     # one SGD step of lr * lam/2 * u v^T: a rank-one change of spectral norm 0.1 * 1/2
     assert torch.linalg.matrix_norm(moved, ord=2) == pytest.approx(0.05, rel=1e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# No mitigation can be silently inert: each misuse raises (goldfish and the loss stages above and in
+# test_regularizers_state.py; LabelRandomization in test_conditioning.py)
+# --------------------------------------------------------------------------------------------
+
+
+def test_spectral_norm_on_weights_the_optimizer_does_not_train_raises():
+    from antimemo.callbacks import SpectralNormPenalty
+
+    class Frozen(LM):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.model.lm_head.parameters(), lr=0.1)  # lm_head is not penalized
+
+    with pytest.raises(RuntimeError, match=r"SpectralNormPenalty: none of the \d+ weights of pl_module.model.*optimizer"):
+        _fit(Frozen("input_ids"), [SpectralNormPenalty(lam=0.1)], max_steps=1)
+
+
+def test_example_tied_dropout_whose_modules_never_run_raises():
+    from antimemo.callbacks import ExampleTiedDropout, WithExampleIds
+
+    class Bypass(LM):
+        def training_step(self, batch, batch_idx):  # embeddings and head only: the MLPs never run
+            h = self.model.model.embed_tokens(batch["input_ids"])
+            return self.model.lm_head(h).logsumexp(-1).mean()
+
+    with pytest.raises(RuntimeError, match=r"ExampleTiedDropout: none of the hooked modules .*ran in training mode"):
+        _fit(Bypass("input_ids"), [ExampleTiedDropout(p_fixed=0.5)], max_steps=1, data=WithExampleIds(_rows()))
+
+
+def test_dedup_sampling_refuses_a_loader_that_bypassed_it():
+    dedup = DedupSampling(policy="drop", progress=False)
+
+    class Unhook(pl.Callback):
+        def setup(self, trainer, pl_module, stage):  # something removes the chain before the loader is built
+            dedup._patched.remove()
+
+    with pytest.raises(RuntimeError, match="DedupSampling: the train loader was not built through"):
+        _fit(LM("input_ids"), [dedup, Unhook()], max_steps=1)

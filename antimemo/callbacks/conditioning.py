@@ -111,10 +111,18 @@ class ConditioningNoise(FitHandle):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         """Activate the hook for this training batch."""
         self._generator = batch_generator(self.seed, trainer.current_epoch, batch_idx, trainer.global_rank, 1)
+        self._calls_before = self.calls
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Deactivate the hook."""
+        """Deactivate the hook; raise if the hooked module never ran in this training step."""
         self._generator = None
+        if self.std > 0 and self.calls == getattr(self, "_calls_before", self.calls):
+            raise RuntimeError(
+                f"ConditioningNoise: pl_module.{self.module_name} (module_name) did not run with gradients on during "
+                "this training step, so no noise reached the conditioning and the mitigation had no effect. Make "
+                "training_step call the model through that module, or pass module_name=... naming the conditioning "
+                "module your model uses"
+            )
 
     def _noise(self, x: Tensor) -> Tensor:
         assert self._generator is not None

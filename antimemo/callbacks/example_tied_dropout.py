@@ -144,6 +144,8 @@ class ExampleTiedDropout(pl.Callback):
         self._handles: list[Any] = []
         self._hooked: list[str] = []
         self._ids: Tensor | None = None
+        self._ids_len = 0
+        self._masked = 0
 
     def __repr__(self) -> str:
         return (
@@ -230,12 +232,21 @@ class ExampleTiedDropout(pl.Callback):
         if not isinstance(ids, Tensor):
             ids = torch.as_tensor(ids)
         self._ids = _check_example_ids(ids)
+        self._ids_len = int(self._ids.shape[0])
+        self._masked = 0
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Forget the batch's ids."""
+        """Forget the batch's ids; raise if no hooked module ran in training mode in this step."""
         self._ids = None
+        if self.p_fixed < 1.0 and self._masked == 0 and self._ids_len > 0:
+            raise RuntimeError(
+                f"ExampleTiedDropout: none of the hooked modules ({', '.join(self.hooked_modules[:3])}...) ran in "
+                f"training mode during this training step, so no mask was applied and the mitigation had no effect. "
+                f"Make training_step run pl_module.{self.module_name} in training mode, or pass module_name=... / "
+                "module_pattern=... naming the modules your forward uses"
+            )
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
         if self.p_fixed == 1.0:
@@ -258,6 +269,7 @@ class ExampleTiedDropout(pl.Callback):
                 f"ExampleTiedDropout: the batch has {self._ids.shape[0]} example ids but {type(module).__name__}'s "
                 f"output has batch size {output.shape[0]}; give one id per sequence"
             )
+        self._masked += 1
         return example_tied_dropout(output, self._ids, self.p_fixed, self.p_mem, self.seed, training=True)
 
     def state_dict(self) -> dict[str, Any]:

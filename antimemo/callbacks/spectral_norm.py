@@ -187,6 +187,13 @@ class SpectralNormPenalty(pl.Callback):
             with torch.no_grad():
                 sigmas.append(torch.dot(u, torch.mv(weight.detach().float(), v)))
             terms.append((weight, u, v))
+        if self.lam > 0 and not terms:
+            raise RuntimeError(
+                f"SpectralNormPenalty: none of the {len(self.names)} weights of pl_module.{self.module_name or '<itself>'} "
+                f"(e.g. {self.names[0]}) is in the optimizer's param_groups, so the penalty would change nothing. "
+                "Return an optimizer over those parameters from configure_optimizers, or pass module_name=... naming "
+                "the model the optimizer trains"
+            )
         if self.lam > 0 and terms:
             lam = self.lam
 
