@@ -228,3 +228,17 @@ def test_ddp_each_rank_draws_its_own_labels_and_the_penalty_trains(tmp_path):
             g = batch_generator(5, epoch, b, rank, 2)
             torch.rand(labels.shape, generator=g)
             assert torch.equal(labels, torch.randint(0, 10, labels.shape, generator=g)), (rank, b)
+
+
+def test_conditioning_noise_raises_when_the_conditioning_module_never_runs():
+    class Unconditioned(DiffusionModule):  # a training step that never calls the UNet's class embedding
+        def training_step(self, batch, batch_idx):
+            x = batch["image"] if isinstance(batch, dict) else batch[0]
+            return self.unet.conv_in(x).pow(2).mean()
+
+    module = Unconditioned(image_size=8, block_out_channels=(8, 16), norm_num_groups=4, num_train_timesteps=20,
+                           num_inference_steps=2)  # fmt: skip
+    trainer = pl.Trainer(callbacks=[ConditioningNoise(std=0.5)], max_steps=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"ConditioningNoise: pl_module.unet.class_embedding \(module_name\) did not run"):
+        trainer.fit(module, Data())

@@ -33,6 +33,7 @@ LOWER = (
     "antimemo.sections",
     "antimemo._faiss",
     "antimemo._pixels",
+    "antimemo.probes",
 )
 LIGHTNING = ("lightning", "pytorch_lightning")
 UPPER = ("antimemo.callbacks", "antimemo.cli", "antimemo.ablate")
