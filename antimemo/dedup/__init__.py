@@ -15,6 +15,7 @@ from typing import Any
 
 _LAZY = {
     "DuplicateIndex": "antimemo.dedup.index",
+    "CorruptIndexError": "antimemo.dedup.index",
     "dataset_content_hashes": "antimemo.dedup.index",
     "PixelEmbedder": "antimemo.dedup.images",
     "normalize_text": "antimemo.dedup.normalize",

@@ -24,6 +24,7 @@ The result is deterministic given the data and the parameters (``seed`` fixes th
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import deque
@@ -39,10 +40,54 @@ from antimemo._checks import check_int
 from antimemo.dedup.minhash import ShingleConfig, shingle_sets_chunk, sketch_chunk
 from antimemo.dedup.normalize import content_hash, fingerprint, token_array
 
-__all__ = ["DuplicateIndex", "dataset_content_hashes"]
+__all__ = ["CorruptIndexError", "DuplicateIndex", "dataset_content_hashes"]
 
-FORMAT = "antimemo.dedup.DuplicateIndex/1"
+#: Format tag of the files :meth:`DuplicateIndex.save` writes (``/2`` adds the integrity digests).
+FORMAT = "antimemo.dedup.DuplicateIndex/2"
+#: Format tag of the files written before the integrity digests (refused by :meth:`DuplicateIndex.load`).
+OLD_FORMATS = ("antimemo.dedup.DuplicateIndex/1",)
 KINDS = ("text", "tokens", "images", "custom")
+INTEGRITY = "antimemo.dedup.integrity/1"
+_REBUILD = (
+    "rebuild it: `antimemo dedup <data> --out <path>` or "
+    "`DuplicateIndex.from_texts(...)` / `from_token_ids(...)` / `from_images(...)` then `.save(path)`"
+)
+
+
+class CorruptIndexError(ValueError):
+    """A :class:`DuplicateIndex` file that cannot be trusted: truncated, corrupt, edited, or not an index.
+
+    The message starts with ``not a valid antimemo index (<reason>): <path>`` and says how to
+    rebuild the file.
+
+    Example:
+        >>> issubclass(CorruptIndexError, ValueError)
+        True
+    """
+
+
+def _corrupt(path: Path, reason: str, detail: str = "") -> CorruptIndexError:
+    tail = f"; {detail}" if detail else ""
+    return CorruptIndexError(f"not a valid antimemo index ({reason}): {str(path)!r}{tail}; {_REBUILD}")
+
+
+def _array_digest(name: str, array: np.ndarray) -> str:
+    """SHA-256 (hex) of one stored array: its name, dtype, shape and bytes (C order)."""
+    h = hashlib.sha256()
+    h.update(f"{INTEGRITY}\0{name}\0{array.dtype.str}\0{list(array.shape)}\0".encode())
+    h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return h.hexdigest()
+
+
+def _integrity_record(arrays: dict[str, np.ndarray]) -> dict:
+    """The integrity record saved with an index: per array (sorted by name) dtype, shape, SHA-256."""
+    return {
+        "scheme": INTEGRITY,
+        "arrays": {
+            name: {"dtype": arrays[name].dtype.str, "shape": list(arrays[name].shape), "sha256": _array_digest(name, arrays[name])}
+            for name in sorted(arrays)
+        },
+    }
 
 
 def _check_sequence(items: Any, name: str) -> int:
@@ -135,6 +180,72 @@ def dataset_content_hashes(kind: str, items: Any, progress: bool = False) -> np.
     for i in tqdm(range(n), desc="dedup: hashing dataset", unit="ex", disable=not progress):
         out[i] = fn(items[i], i)
     return out
+
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file, read with ``allow_pickle=False``; any parse failure is a
+    :class:`CorruptIndexError`."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (PermissionError, FileNotFoundError, MemoryError):
+        raise
+    except Exception as err:  # BadZipFile, EOFError, ValueError (pickle / bad header), OSError, ...
+        if isinstance(err, ValueError) and "pickle" in str(err):  # neither .npz nor .npy: numpy would unpickle
+            detail = "it is not an .npz archive (numpy would read it as a pickle, which DuplicateIndex.load never does)"
+        else:
+            detail = f"{type(err).__name__}: {err}"
+        raise _corrupt(path, "truncated/corrupt", detail) from err
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone .npy array
+        raise _corrupt(path, "truncated/corrupt", "it is a single .npy array, not an .npz archive")
+    arrays: dict[str, np.ndarray] = {}
+    with loaded as z:
+        for name in z.files:
+            try:
+                arrays[name] = z[name]
+            except ValueError as err:
+                if "allow_pickle" in str(err) or "pickled" in str(err):
+                    raise _corrupt(
+                        path, "truncated/corrupt",
+                        f"array {name!r} contains pickled Python objects, which DuplicateIndex.load never unpickles",
+                    ) from err
+                raise _corrupt(path, "truncated/corrupt", f"array {name!r}: {type(err).__name__}: {err}") from err
+            except MemoryError:
+                raise
+            except Exception as err:  # BadZipFile (bad CRC), EOFError, zlib.error, OSError ...
+                raise _corrupt(path, "truncated/corrupt", f"array {name!r}: {type(err).__name__}: {err}") from err
+    return arrays
+
+
+def _verify_integrity(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Check every array against the file's integrity record; raise naming what differs."""
+    raw = arrays["integrity"]
+    try:
+        record = json.loads(str(raw[()])) if raw.dtype.kind == "U" and raw.shape == () else None
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict) or record.get("scheme") != INTEGRITY or not isinstance(record.get("arrays"), dict):
+        raise _corrupt(path, "bad integrity record", "the 'integrity' array is not a JSON integrity record")
+    expected = record["arrays"]
+    stored = {k: v for k, v in arrays.items() if k != "integrity"}
+    missing = sorted(set(expected) - set(stored))
+    extra = sorted(set(stored) - set(expected))
+    if missing or extra:
+        raise _corrupt(
+            path, "modified after it was saved",
+            (f"missing arrays {missing}" if missing else "") + (" and " if missing and extra else "")
+            + (f"unexpected arrays {extra}" if extra else ""),
+        )
+    bad = []
+    for name in sorted(stored):
+        entry = expected[name]
+        a = stored[name]
+        if not isinstance(entry, dict) or entry.get("sha256") != _array_digest(name, a):
+            bad.append(name)
+    if bad:
+        raise _corrupt(
+            path, "modified after it was saved",
+            f"array(s) {bad} do not match their SHA-256 integrity digest (edited, or damaged on disk)",
+        )
 
 
 class DuplicateIndex:
@@ -371,11 +482,20 @@ class DuplicateIndex:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the index to ``path`` as an uncompressed ``.npz`` (no pickle; metadata as JSON).
 
+        The file holds ``cluster_ids`` (``<i8``), ``content_hashes`` (``<u8``, when known),
+        ``metadata`` (a JSON string) and ``integrity`` (a JSON string: the SHA-256 of every other
+        array's name, dtype, shape and bytes), which :meth:`load` verifies. The write is atomic:
+        a temporary file in the same directory, ``fsync``-ed, then renamed over ``path``, so a
+        failed save (disk full, killed process) leaves the previous file intact.
+
         Args:
             path: file path (parent directories are created; no suffix is added).
 
         Returns:
             The path written.
+
+        Raises:
+            IsADirectoryError: ``path`` is an existing directory.
 
         Example:
             >>> import tempfile, os
@@ -401,13 +521,21 @@ class DuplicateIndex:
         }
         if self._content is not None:
             arrays["content_hashes"] = np.asarray(self._content, dtype="<u8")
-        with open(path, "wb") as f:
+        arrays["integrity"] = np.array(json.dumps(_integrity_record(arrays), sort_keys=True))
+        from antimemo._atomic import atomic_open
+
+        with atomic_open(path, "wb") as f:  # temp file + fsync + rename: a failed save keeps the old file
             np.savez(f, **arrays)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DuplicateIndex:
-        """Read an index written by :meth:`save` (``np.load(allow_pickle=False)``).
+        """Read an index written by :meth:`save` (``np.load(allow_pickle=False)``: never unpickles).
+
+        Every array is checked against the file's integrity record (SHA-256 of its name, dtype,
+        shape and bytes), then the metadata against the arrays (format, kind, length,
+        fingerprint). Files written before the integrity record existed (format
+        ``antimemo.dedup.DuplicateIndex/1``) are refused: rebuild them.
 
         Args:
             path: the file.
@@ -416,8 +544,10 @@ class DuplicateIndex:
             The index.
 
         Raises:
-            ValueError: if the file holds pickled objects, is not an antimemo index, or its stored
-                fingerprint does not match its content hashes (a corrupted or edited file).
+            FileNotFoundError: no file at ``path``.
+            CorruptIndexError: (a ``ValueError``) the file is truncated or corrupt, is not an
+                antimemo index, holds pickled objects, was modified after it was saved (an
+                array does not match its digest), or has arrays of the wrong dtype or shape.
 
         Example:
             >>> import tempfile, os
@@ -426,33 +556,64 @@ class DuplicateIndex:
             2
         """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(
+                f"{str(path)!r} is a directory, not a DuplicateIndex file; pass the path of the .npz file "
+                "written by index.save(path) or `antimemo dedup ... --out`"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"no DuplicateIndex file at {str(path)!r}; write one with index.save(path)")
+        arrays = _read_arrays(path)
+        required = {"cluster_ids", "metadata"}
+        if not required <= set(arrays):
+            raise _corrupt(
+                path, "not a DuplicateIndex file",
+                f"it holds the arrays {sorted(arrays)}, expected 'cluster_ids', 'metadata' and 'integrity'",
+            )
+        meta_arr = arrays["metadata"]
+        if meta_arr.dtype.kind != "U" or meta_arr.shape != ():
+            raise _corrupt(path, "bad metadata", f"'metadata' must be a JSON string, got dtype {meta_arr.dtype} shape {meta_arr.shape}")
         try:
-            with np.load(path, allow_pickle=False) as z:
-                files = set(z.files)
-                if not {"cluster_ids", "metadata"} <= files:
-                    raise ValueError(
-                        f"{str(path)!r} is not an antimemo DuplicateIndex file (arrays {sorted(files)}; expected "
-                        "'cluster_ids' and 'metadata')"
-                    )
-                cluster_ids = z["cluster_ids"]
-                meta = json.loads(str(z["metadata"][()]))
-                content = z["content_hashes"] if "content_hashes" in files else None
-        except ValueError as err:
-            if "allow_pickle" in str(err):
-                raise ValueError(
-                    f"{str(path)!r} contains pickled Python objects; DuplicateIndex.load never unpickles "
-                    "(np.load(allow_pickle=False)). Recreate the index with DuplicateIndex.save"
-                ) from err
-            raise
+            meta = json.loads(str(meta_arr[()]))
+        except json.JSONDecodeError:
+            meta = None
+        if "integrity" not in arrays:
+            fmt = meta.get("format") if isinstance(meta, dict) else None
+            if fmt in OLD_FORMATS:
+                raise _corrupt(
+                    path, f"format {fmt!r} has no integrity digest",
+                    "it was written by an older antimemo and cannot be checked for edits, so it is refused",
+                )
+            raise _corrupt(path, "no integrity record", "the 'integrity' array is missing (the file was modified)")
+        _verify_integrity(path, arrays)
+        if not isinstance(meta, dict):
+            raise _corrupt(path, "bad metadata", "'metadata' is not a JSON object")
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} has format {meta.get('format')!r}, expected {FORMAT!r}")
-        idx = cls(cluster_ids, content, kind=meta["kind"], params=meta.get("params"))
+            raise _corrupt(path, "unknown format", f"format {meta.get('format')!r}, expected {FORMAT!r}")
+        cluster_ids = arrays["cluster_ids"]
+        if cluster_ids.dtype != np.dtype("<i8") or cluster_ids.ndim != 1 or cluster_ids.shape[0] == 0:
+            raise _corrupt(
+                path, "bad cluster_ids",
+                f"'cluster_ids' must be a non-empty 1-D int64 array, got dtype {cluster_ids.dtype} shape {cluster_ids.shape}",
+            )
+        content = arrays.get("content_hashes")
+        if content is not None and (content.dtype != np.dtype("<u8") or content.shape != cluster_ids.shape):
+            raise _corrupt(
+                path, "bad content_hashes",
+                f"'content_hashes' must be uint64 with one entry per example {cluster_ids.shape}, got dtype "
+                f"{content.dtype} shape {content.shape}",
+            )
+        if meta.get("kind") not in KINDS:
+            raise _corrupt(path, "bad metadata", f"kind {meta.get('kind')!r} is not one of {KINDS}")
+        if cluster_ids.min() < 0:
+            raise _corrupt(path, "bad cluster_ids", f"cluster id {int(cluster_ids.min())} is negative")
+        params = meta.get("params")
+        idx = cls(cluster_ids, content, kind=meta["kind"], params=params if isinstance(params, dict) else None)
         if idx.fingerprint != meta.get("fingerprint") or idx.num_examples != meta.get("num_examples"):
-            raise ValueError(
-                f"{str(path)!r} is corrupted: its metadata says {meta.get('num_examples')} examples with fingerprint "
-                f"{meta.get('fingerprint')} but the arrays give {idx.num_examples} and {idx.fingerprint}"
+            raise _corrupt(
+                path, "metadata does not match the arrays",
+                f"its metadata says {meta.get('num_examples')} examples with fingerprint {meta.get('fingerprint')} "
+                f"but the arrays give {idx.num_examples} and {idx.fingerprint}",
             )
         return idx
 
