@@ -65,8 +65,18 @@ def test_errors_name_the_problem():
     ivf = build_faiss_index(ref, exact=False, kind="ivf", nlist=16, nprobe=2)
     with pytest.raises(ValueError, match="index must be a FAISS IVF index"):
         calibrate_nprobe(build_faiss_index(ref), queries, ref, threshold=0.9)
-    with pytest.raises(ValueError, match=r"no query passes threshold=1.5 \(the best exact top-1 score is"):
+    with pytest.raises(ValueError, match=r"no query passes threshold=1.0 \(the best exact top-1 score is"):
+        calibrate_nprobe(ivf, queries, ref, threshold=1.0)  # noisy copies: every cosine is below 1
+    with pytest.raises(ValueError, match=r"threshold=1.5 is outside \[-1, 1\], but the reference rows are unit vectors"):
         calibrate_nprobe(ivf, queries, ref, threshold=1.5)
+    with pytest.raises(ValueError, match=r"threshold must be a finite number .* got nan"):
+        calibrate_nprobe(ivf, queries, ref, threshold=float("nan"))
+    l2_ivf = build_faiss_index(ref, "l2", exact=False, kind="ivf", nlist=16, nprobe=2)
+    with pytest.raises(ValueError, match=r"threshold=-0.1 is negative, but an L2 index compares squared distances"):
+        calibrate_nprobe(l2_ivf, queries, ref, threshold=-0.1)
+    # rows that are not unit vectors: any finite inner product is a valid threshold
+    scaled = build_faiss_index(ref * 3, exact=False, kind="ivf", nlist=16, nprobe=16)
+    assert calibrate_nprobe(scaled, queries * 3, ref * 3, threshold=8.0).replica_queries > 0
     with pytest.raises(ValueError, match=r"target_recall must be a number in \(0, 1\], got 0"):
         calibrate_nprobe(ivf, queries, ref, threshold=0.9, target_recall=0)
     with pytest.raises(ValueError, match="candidates must be increasing distinct integers in \\[1, nlist=16\\]"):

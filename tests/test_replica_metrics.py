@@ -88,6 +88,35 @@ def test_errors_on_mismatched_inputs():
         ReplicaRate(ref[:0])
 
 
+@pytest.mark.parametrize(
+    "similarity, threshold, pattern",
+    [
+        ("cosine", float("nan"), r"threshold must be a finite number for similarity='cosine' \(in \[-1, 1\)\), got nan; typical: 0.5"),
+        ("cosine", 5.0, r"threshold=5.0 is outside \[-1, 1\) for similarity='cosine'"),
+        ("cosine", 1.0, r"threshold=1.0 is outside \[-1, 1\).*nothing is a replica"),
+        ("cosine", True, r"threshold must be a finite number.*got True"),
+        ("cosine", "0.5", r"threshold must be a finite number.*got '0.5'"),
+        ("l2", 0.15, r"threshold=0.15 is outside \[-1, 0\) for similarity='l2'.*l2 <= 0.15 is threshold=-0.15"),
+        ("l2", float("-inf"), r"threshold must be a finite number for similarity='l2'.*got -inf"),
+        ("carlini", 1.0, r"threshold=1.0 is outside \[-1, 1\) for similarity='carlini'"),
+        ("carlini", -3.0, r"threshold=-3.0 is outside \[-1, 1\).*alpha=0.5.*typical: 0.0"),
+    ],
+)
+def test_threshold_outside_the_score_range_of_the_similarity_is_refused(similarity, threshold, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        ReplicaRate(_ref(), similarity, threshold=threshold)
+
+
+def test_valid_thresholds_at_the_range_ends_and_exact_copies():
+    ref = _ref()
+    for similarity, threshold in (("cosine", -1.0), ("cosine", 0.999), ("l2", -1.0), ("l2", -1e-6), ("carlini", 0.999)):
+        m = ReplicaRate(ref, similarity, threshold=threshold)
+        m.update(ref[:4])
+        assert float(m.compute()["rate"]) == 1.0, (similarity, threshold)  # exact copies pass every valid threshold
+    # the carlini range follows alpha: with alpha=0.25 the score 1 - r is at least 1 - 4 = -3
+    assert ReplicaRate(ref, "carlini", threshold=-3.0, alpha=0.25).threshold == -3.0
+
+
 def test_empty_compute_is_nan():
     out = ReplicaRate(_ref()).compute()
     assert math.isnan(float(out["rate"])) and out["indices"].numel() == 0

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from antimemo._checks import check_int
+from antimemo._checks import check_int, is_number
 from antimemo._faiss import import_faiss
 from antimemo._pixels import PixelEmbedder
 
@@ -47,6 +47,7 @@ __all__ = [
     "calibrate_nprobe",
     "carlini_scores",
     "check_images",
+    "check_replica_threshold",
     "cosine_similarity_matrix",
     "embed",
     "nearest_neighbors",
@@ -59,6 +60,67 @@ __all__ = [
 
 #: Similarities understood by :func:`replica_scores` and :class:`~antimemo.metrics.ReplicaRate`.
 SIMILARITIES = ("cosine", "l2", "carlini")
+
+
+def _threshold_range(similarity: str, alpha: float) -> tuple[float, float, str]:
+    """``(low, high, typical)``: a replica threshold must be in ``[low, high)``."""
+    if similarity == "cosine":
+        return -1.0, 1.0, "typical: 0.5 with SSCD features (Somepalli et al.), about 0.9 with the pixel embedding"
+    if similarity == "l2":
+        return -1.0, 0.0, "typical: -0.15 (Carlini et al.'s l2 <= 0.15)"
+    return 1.0 - 1.0 / alpha, 1.0, "typical: 0.0 (Carlini et al.'s ratio r < 1)"
+
+
+def check_replica_threshold(threshold: Any, similarity: str, alpha: float = 0.5, name: str = "threshold") -> float:
+    """Check a replica threshold for ``similarity`` and return it as a ``float``.
+
+    A generation is a replica when its top-1 score is ``> threshold``, so a threshold at or
+    above the largest possible score flags nothing and one below the smallest flags everything.
+    The valid ranges are the score ranges of the similarities (images in ``[0, 1]``):
+
+    - ``"cosine"``: ``[-1, 1)`` (typical 0.5 with SSCD features, about 0.9 with the pixel
+      embedding);
+    - ``"l2"``: ``[-1, 0)``: the score is *minus* the normalised RMS distance, so Carlini et
+      al.'s ``l2 <= 0.15`` is ``threshold=-0.15``;
+    - ``"carlini"``: ``[1 - 1 / alpha, 1)`` (``[-1, 1)`` for ``alpha = 0.5``; typical 0.0,
+      Carlini's ``r < 1``).
+
+    Args:
+        threshold: the value to check: a finite real number (not a bool, NaN or inf).
+        similarity: ``"cosine"``, ``"l2"`` or ``"carlini"``.
+        alpha: Carlini's ratio scale (sets the lower end of ``"carlini"``).
+        name: the argument's name in the message.
+
+    Raises:
+        ValueError: naming the argument, the value, the valid range and a typical value.
+
+    Example:
+        >>> check_replica_threshold(0.5, "cosine")
+        0.5
+        >>> check_replica_threshold(0.15, "l2")
+        Traceback (most recent call last):
+        ...
+        ValueError: threshold=0.15 is outside [-1, 0) for similarity='l2' (the score is minus the normalised RMS distance, so l2 <= 0.15 is threshold=-0.15); typical: -0.15 (Carlini et al.'s l2 <= 0.15)
+    """
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if not is_number(alpha) or not alpha > 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}; Carlini et al. use alpha=0.5")
+    low, high, typical = _threshold_range(similarity, float(alpha))
+    if not is_number(threshold):
+        raise ValueError(
+            f"{name} must be a finite number for similarity={similarity!r} (in [{low:g}, {high:g})), got {threshold!r}; "
+            f"{typical}"
+        )
+    t = float(threshold)
+    if not low <= t < high:
+        why = {
+            "cosine": "cosine similarities lie in [-1, 1]; at 1 or above nothing is a replica",
+            "l2": f"the score is minus the normalised RMS distance, so l2 <= {abs(t):g} is threshold={-abs(t):g}",
+            "carlini": f"the score 1 - r lies in [{low:g}, 1] for alpha={float(alpha):g}; at 1 or above nothing is a replica",
+        }[similarity]
+        raise ValueError(f"{name}={threshold!r} is outside [{low:g}, {high:g}) for similarity={similarity!r} ({why}); {typical}")
+    return t
 
 
 def check_images(images: Any, name: str, like: Tensor | None = None, like_name: str = "reference") -> Tensor:
@@ -381,8 +443,8 @@ def carlini_scores(
         >>> float(s[0]), int(i[0])
         (1.0, 3)
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-        raise ValueError(f"alpha must be a number > 0, got {alpha!r}; Carlini et al. use alpha=0.5")
+    if not is_number(alpha) or not alpha > 0:
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}; Carlini et al. use alpha=0.5")
     g = _check_grid(grid)
     kk = min(check_int("k", k, 1, "Carlini et al. use k=50"), reference.shape[0])
     _, nbr = nearest_neighbors(_flat(generated), _flat(reference), kk, "l2", exact=exact, backend=backend, index=index)
@@ -517,9 +579,9 @@ def replica_penalty(
         >>> [round(v, 4) for v in replica_penalty(x, x, torch.tensor([0.9, 0.1]), threshold=0.5).tolist()]
         [0.5, 0.0]
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1.0 <= threshold < 1.0:
+    if not is_number(threshold) or not -1.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be a correlation in [-1, 1), got {threshold!r}; e.g. threshold=0.5")
-    if isinstance(min_noise, bool) or not isinstance(min_noise, (int, float)) or not 0.0 <= min_noise <= 1.0:
+    if not is_number(min_noise) or not 0.0 <= min_noise <= 1.0:
         raise ValueError(f"min_noise must be a noise level sigma in [0, 1], got {min_noise!r}; e.g. min_noise=0.8")
     if pred_x0.shape != target_x0.shape or pred_x0.dim() < 2:
         raise ValueError(f"pred_x0 and target_x0 must have the same shape [B, ...], got {tuple(pred_x0.shape)} and {tuple(target_x0.shape)}")

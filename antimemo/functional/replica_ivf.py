@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from antimemo._checks import is_number
+
 __all__ = ["NprobeCalibration", "calibrate_nprobe"]
 
 
@@ -74,7 +76,9 @@ def calibrate_nprobe(
             exact=False, kind="ivf")``).
         queries: ``[Q, D]`` query embeddings.
         reference: ``[R, D]`` the rows in the index, in the order they were added.
-        threshold: the replica threshold of the similarity (e.g. 0.5 for SSCD cosine).
+        threshold: the replica threshold of the similarity (e.g. 0.5 for SSCD cosine): a finite
+            number, in ``[-1, 1]`` when the reference rows are unit vectors of an inner-product
+            index, ``>= 0`` (a squared distance) for an L2 index.
         target_recall: the replica recall to reach, in ``(0, 1]``.
         candidates: ``nprobe`` values to try, increasing (default ``1, 2, 4, ...`` up to
             ``nlist``, and ``nlist`` itself, which is exhaustive).
@@ -109,14 +113,28 @@ def calibrate_nprobe(
         )
     if isinstance(target_recall, bool) or not isinstance(target_recall, (int, float)) or not 0 < target_recall <= 1:
         raise ValueError(f"target_recall must be a number in (0, 1], got {target_recall!r}; 1.0 finds every replica")
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ValueError(f"threshold must be a number (the replica threshold of the similarity), got {threshold!r}")
+    inner = index.metric_type == faiss.METRIC_INNER_PRODUCT
+    if not is_number(threshold):
+        raise ValueError(
+            f"threshold must be a finite number (the replica threshold: an inner product for this "
+            f"{'inner-product' if inner else 'L2'} index), got {threshold!r}; e.g. threshold=0.5 for SSCD cosine"
+        )
     q = _rows(queries, "queries", index.d)
     ref = _rows(reference, "reference", index.d)
     if ref.shape[0] != index.ntotal:
         raise ValueError(
             f"reference has {ref.shape[0]} rows but the index holds {index.ntotal}; pass the rows the "
             "index was built from, in the same order"
+        )
+    if not inner and threshold < 0:
+        raise ValueError(
+            f"threshold={threshold!r} is negative, but an L2 index compares squared distances (>= 0): a replica "
+            "has squared distance <= threshold; e.g. threshold=0.1 (2 - 2 cos for unit rows: cos >= 0.95)"
+        )
+    if inner and ref.shape[0] and np.abs(np.linalg.norm(ref, axis=1) - 1.0).max() < 1e-3 and not -1.0 <= threshold <= 1.0:
+        raise ValueError(
+            f"threshold={threshold!r} is outside [-1, 1], but the reference rows are unit vectors, so the inner "
+            "product is a cosine similarity in [-1, 1]; e.g. threshold=0.5 for SSCD cosine, 0.9 for the pixel embedding"
         )
     nlist = int(index.nlist)
     if candidates is None:
@@ -133,7 +151,6 @@ def calibrate_nprobe(
                 f"candidates must be increasing distinct integers in [1, nlist={nlist}], got {list(candidates)!r}"
             )
         values = [int(c) for c in values]
-    inner = index.metric_type == faiss.METRIC_INNER_PRODUCT
     flat = faiss.IndexFlatIP(index.d) if inner else faiss.IndexFlatL2(index.d)
     flat.add(ref)
     exact_score, exact_id = flat.search(q, 1)

@@ -27,6 +27,7 @@ from antimemo.functional.replica import (
     build_faiss_index,
     carlini_scores,
     check_images,
+    check_replica_threshold,
     embed,
     nearest_neighbors,
 )
@@ -69,7 +70,11 @@ class ReplicaRate(Metric):
     Args:
         reference: training images ``[R, C, H, W]`` in ``[0, 1]`` (embedded / indexed once here).
         similarity: ``"cosine"``, ``"l2"`` or ``"carlini"``.
-        threshold: replica threshold on the score; ``None``: :data:`DEFAULT_THRESHOLDS`.
+        threshold: replica threshold on the score; ``None``: :data:`DEFAULT_THRESHOLDS`. A
+            finite number in the score range of ``similarity``: ``[-1, 1)`` for ``"cosine"``,
+            ``[-1, 0)`` for ``"l2"`` (minus the distance: ``l2 <= 0.15`` is ``-0.15``),
+            ``[1 - 1/alpha, 1)`` for ``"carlini"``
+            (:func:`~antimemo.functional.replica.check_replica_threshold`).
         embedder: ``nn.Module`` ``[B, C, H, W] -> [B, D]`` for ``"cosine"`` (kept outside the
             metric's state; it runs in eval mode without gradients).
         k, alpha, grid: parameters of ``"carlini"``.
@@ -128,8 +133,7 @@ class ReplicaRate(Metric):
             raise ValueError(f"embedder is used only by similarity='cosine', got similarity={similarity!r}")
         if threshold is None:
             threshold = DEFAULT_THRESHOLDS[similarity]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise ValueError(f"threshold must be a number or None, got {threshold!r}")
+        threshold = check_replica_threshold(threshold, similarity, alpha if similarity == "carlini" else 0.5)
         for q in percentiles:
             if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0 <= q <= 100:
                 raise ValueError(f"percentiles must be numbers in [0, 100], got {tuple(percentiles)!r}")
