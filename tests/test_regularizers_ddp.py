@@ -99,3 +99,53 @@ def test_ddp_gathered_truncation_buffer_and_identical_spectral_vectors(tmp_path)
 
     # and DDP kept the replicas identical
     assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])
+
+
+
+class FloorProbe(pl.Callback):
+    """Per rank: the loss the model returned (after the loss chain) and the local per-sequence losses."""
+
+    def __init__(self, out_dir):
+        self.out_dir = str(out_dir)
+
+    def on_train_start(self, trainer, pl_module):
+        self.returned, self.local = [], []
+
+        def hook(module, args, kwargs, output):  # registered after the chain's hook: sees the floored loss
+            if module.training and torch.is_grad_enabled() and kwargs.get("labels") is not None:
+                self.returned.append(output.loss.detach())
+                self.local.append(per_sequence_lm_loss(output.logits.detach(), kwargs["labels"]))
+
+        self.handle = pl_module.model.register_forward_hook(hook, with_kwargs=True)
+
+    def on_train_end(self, trainer, pl_module):
+        self.handle.remove()
+        torch.save(
+            {"returned": torch.stack(self.returned), "losses": torch.stack([l for l, _ in self.local]),
+             "targets": torch.stack([n for _, n in self.local]),
+             "weights": {k: v.detach().cpu() for k, v in pl_module.model.state_dict().items()}},
+            Path(self.out_dir) / f"floor_rank{trainer.global_rank}.pt",
+        )  # fmt: skip
+
+
+@pytest.mark.ddp
+def test_ddp_loss_floor_floors_each_ranks_sequences(tmp_path):
+    """LossFloor under 2-process DDP: each rank's loss is the floored loss of its own sequences, the floor
+    acts on some sequences and not others, and DDP keeps the replicas identical."""
+    from antimemo.callbacks.regularizers import LossFloor
+    from antimemo.functional.regularizers import sequence_flooding_loss
+
+    floor = 3.47  # about log(32): the tiny model's sequences start on both sides of it
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=3, default_root_dir=tmp_path,
+                         **quiet_trainer_kwargs(), callbacks=[LossFloor(floor=floor), FloorProbe(tmp_path)])  # fmt: skip
+    trainer.fit(_tiny_lm(), DataLoader(TRAIN, batch_size=2))
+    r0, r1 = (torch.load(tmp_path / f"floor_rank{r}.pt", weights_only=True) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["returned"].shape == (3,)
+        for step in range(3):
+            expected = sequence_flooding_loss(r["losses"][step], r["targets"][step], floor)
+            torch.testing.assert_close(r["returned"][step], expected, rtol=1e-5, atol=1e-6)
+    below = torch.cat([r0["losses"].flatten(), r1["losses"].flatten()]) < floor
+    assert below.any() and not below.all()
+    assert not torch.equal(r0["losses"], r1["losses"])  # different shards
+    assert all(torch.equal(r0["weights"][k], r1["weights"][k]) for k in r0["weights"])

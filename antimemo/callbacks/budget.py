@@ -317,7 +317,7 @@ class MemorizationBudget(pl.Callback):
         """Read the figure of this validation (rank 0, broadcast) and move the knob."""
         if trainer.sanity_checking:
             return
-        payload: list[Any] = [False, None, None]
+        payload: list[Any] = [False, None, None, None]
         if trainer.is_global_zero:
             monitor = self._monitor(trainer)
             raw = trainer.callback_metrics.get(self.metric)
@@ -326,11 +326,20 @@ class MemorizationBudget(pl.Callback):
             if monitor is not None:
                 last = monitor.history[-1] if monitor.history else None
                 key = None if last is None else [int(last[0]), int(last[1])]
-                fresh = key is not None and key[0] == trainer.current_epoch and key != self._last_evaluation
+                evaluated = key is not None and key[0] == trainer.current_epoch and key != self._last_evaluation
             else:
-                fresh = figure is not None
-            payload = [bool(fresh and figure is not None and not math.isnan(figure)), figure, key]
-        fresh, figure, key = trainer.strategy.broadcast(payload, src=0)
+                evaluated = True  # any validation is an evaluation of a metric no monitor owns
+            missing = None
+            if evaluated and figure is None:
+                missing = sorted(str(k) for k in trainer.callback_metrics)
+            payload = [bool(evaluated and figure is not None and not math.isnan(figure)), figure, key, missing]
+        fresh, figure, key, missing = trainer.strategy.broadcast(payload, src=0)
+        if missing is not None:
+            raise ValueError(
+                f"MemorizationBudget(metric={self.metric!r}): the metric is not in trainer.callback_metrics after an "
+                f"evaluation, so the budget could never act. Keys present: {missing}. Fix: pass metric=... naming one "
+                "of them (e.g. 'memorization/exact_match'), or add the callback that logs it"
+            )
         if not fresh:
             return
         if key is not None:
