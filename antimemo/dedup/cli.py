@@ -10,7 +10,10 @@ Sources:
   the antimemo CLI's default, :data:`antimemo.sections.DEFAULT_DATA_CLASS`
   (``antimemo.lm.TextDataModule``), directly under ``data:``),
   ``setup("fit")`` is called, and its training dataset is indexed in order, so the index can be
-  passed to ``DedupSampling(index=INDEX)`` for that recipe.
+  passed to ``DedupSampling(index=INDEX)`` for that recipe. The ``class_path`` must name a
+  ``lightning.pytorch.LightningDataModule`` subclass: the path is checked before it is imported
+  (:func:`antimemo.sections.check_import_path` refuses the standard library) and the class before
+  it is constructed, so a recipe cannot make this verb call anything else.
 
 The module exposes ``add_arguments(parser)`` and ``run(args) -> int`` for the ``antimemo``
 console script.
@@ -19,13 +22,12 @@ console script.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from antimemo.sections import DEFAULT_DATA_CLASS
+from antimemo.sections import DEFAULT_DATA_CLASS, import_recipe_class
 
 __all__ = ["add_arguments", "load_source", "main", "run"]
 
@@ -87,13 +89,26 @@ def _recipe_dataset(path: Path) -> Any:
             "file instead"
         )
     if "class_path" in data:  # LightningCLI subclass mode: data: {class_path: ..., init_args: {...}}
-        class_path = str(data["class_path"])
+        class_path = data["class_path"]
         init_args = data.get("init_args") or {}
+        unknown = sorted(set(data) - {"class_path", "init_args", "dict_kwargs"})
+        if unknown:
+            raise ValueError(
+                f"recipe {str(path)!r}: data: has the keys {unknown} beside class_path; put the class's "
+                "arguments under data.init_args"
+            )
     else:  # the antimemo CLI's default DataModule, with its init arguments under data:
         class_path = DEFAULT_DATA_CLASS
         init_args = data
-    module_name, _, cls_name = class_path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    if not isinstance(init_args, dict) or not all(isinstance(k, str) for k in init_args):
+        raise ValueError(
+            f"recipe {str(path)!r}: data.init_args must be a mapping of argument names to values, got "
+            f"{init_args!r}"
+        )
+    # checked before the import (the standard library is refused) and before construction (a
+    # LightningDataModule subclass only), so the recipe cannot name an arbitrary callable
+    cls = import_recipe_class(class_path, f"recipe {str(path)!r}: data.class_path",
+                              "lightning.pytorch.LightningDataModule")
     dm = cls(**init_args)
     dm.setup("fit")
     dataset = getattr(dm, "train_dataset", None)
@@ -163,6 +178,14 @@ def run(args: argparse.Namespace) -> int:
     """
     from antimemo.dedup.index import DuplicateIndex
 
+    out_path = Path(args.out)
+    if out_path.is_dir():
+        print(
+            f"antimemo dedup: error: --out {args.out!r} is a directory; give the path of the index file to "
+            f"write, e.g. --out {str(out_path / 'index.npz')!r}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         kind, items = load_source(args.source, args.field)
         progress = not args.no_progress
@@ -185,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
             build = DuplicateIndex.from_texts if kind == "text" else DuplicateIndex.from_token_ids
             index = build(items, **kwargs)
         out = index.save(args.out)
-    except (FileNotFoundError, ValueError, TypeError, ImportError) as err:
+    except (FileNotFoundError, IsADirectoryError, ValueError, TypeError, ImportError) as err:
         print(f"antimemo dedup: error: {err}", file=sys.stderr)
         return 2
     summary = index.summary(args.top_k)
