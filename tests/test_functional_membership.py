@@ -208,6 +208,30 @@ def test_score_errors():
         mia_min_k_plus_plus(LP, torch.zeros_like(LP), -torch.ones_like(LP))
 
 
+def test_positive_log_probs_are_refused_naming_the_position_and_the_fix():
+    bad = torch.tensor([[-1.0, -2.0], [-0.5, 2.3]])  # losses or logits, not log-probabilities
+    for call in (
+        lambda: mia_loss(bad),
+        lambda: mia_min_k(bad, k=0.5),
+        lambda: mia_zlib(bad, ["a", "b"]),
+        lambda: mia_min_k_plus_plus(bad, torch.zeros_like(bad), torch.ones_like(bad)),
+    ):
+        with pytest.raises(ValueError, match=r"log_probs must be log-probabilities \(<= 0\), got 2.3 at sequence 1, "
+                           r"token 1; positive values are losses \(pass -loss\).*token_logprob_stats"):
+            call()
+    # float error up to 1e-6 is accepted, and positive values at masked positions are ignored
+    assert mia_loss(torch.tensor([[5e-7, -1.0]])).tolist() == pytest.approx([0.5 - 2.5e-7])
+    assert mia_loss(bad, torch.tensor([[True, True], [True, False]])).tolist() == pytest.approx([1.5, 0.5])
+    with pytest.raises(ValueError, match="got 0.001 at sequence 0, token 0"):
+        mia_loss(torch.tensor([[1e-3, -1.0]]))
+    with pytest.raises(ValueError, match="got inf at sequence 0, token 1"):
+        mia_loss(torch.tensor([[-1.0, float("inf")]]))
+    # -inf (probability 0) is a log-probability
+    assert mia_loss(torch.tensor([[-float("inf"), -1.0]])).tolist() == [float("inf")]
+    with pytest.raises(ValueError, match=r"eps must be a finite number > 0 \(the floor of sigma\), got inf"):
+        mia_min_k_plus_plus(LP, torch.zeros_like(LP), torch.ones_like(LP), eps=float("inf"))
+
+
 # --------------------------------------------------------------------------------------------
 # ROC AUC and TPR@FPR (higher = member)
 # --------------------------------------------------------------------------------------------

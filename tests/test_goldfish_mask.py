@@ -80,7 +80,7 @@ def assert_goldfish_mask_matches_reference(device, num_cases: int = 40, seed: in
 
     Cases are drawn from a seeded CPU generator: batch sizes 1-4, lengths 0-40 (so h > T
     happens), h in 1..20, k in 2..9 or 50/1000, seeds including negative and >= 2**63,
-    small vocabularies (repeated windows) and huge / negative token ids, int32 and int64,
+    small vocabularies (repeated windows) and huge token ids (up to 2**63 - 1), int32 and int64,
     no mask / left padding / right padding / random interior zeros, and random exempt ids.
     """
     device = torch.device(device)
@@ -99,8 +99,8 @@ def assert_goldfish_mask_matches_reference(device, num_cases: int = 40, seed: in
             ids = torch.randint(0, 5, (b, t), generator=gen)  # tiny vocab: repeated windows
         elif kind == 1:
             ids = torch.randint(0, 50_000, (b, t), generator=gen)
-        else:  # extreme ids: negative and close to the int64 limits
-            ids = torch.randint(-(2**62), 2**62, (b, t), generator=gen) * 2 + 1
+        else:  # extreme ids: up to the int64 limit (negative ids are refused: not token ids)
+            ids = torch.randint(0, 2**62, (b, t), generator=gen) * 2 + 1
         dtype = torch.int32 if (kind != 2 and case % 2 == 0) else torch.int64
         ids = ids.to(dtype)
         attn_kind = (case // 3) % 4
@@ -477,3 +477,24 @@ def test_bad_arguments_raise_naming_the_argument(kwargs, error, needle):
     call = {"input_ids": torch.ones(2, 3, dtype=torch.long), **kwargs}
     with pytest.raises(error, match=re.escape(needle)):
         goldfish_mask(**call)
+
+
+def test_negative_token_ids_are_refused_unless_they_are_padding():
+    labels = torch.tensor([[-100, -100, 5, 6, 7], [1, 2, 3, 4, 5]])  # labels with a masked prompt
+    with pytest.raises(ValueError, match=re.escape(
+        "input_ids must hold token ids >= 0, got -100 at position [0, 0]; -100 is the ignore_index of labels: "
+        "it looks like labels were passed as input_ids"
+    )):
+        goldfish_mask(labels)
+    with pytest.raises(ValueError, match=r"got -3 at position \[2\]; token ids index the vocabulary"):
+        goldfish_mask(torch.tensor([4, 5, -3, 6]))
+    # negative values where attention_mask is 0 are padding: allowed, and they change nothing
+    attn = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    padded_with_zero = labels.masked_fill(attn == 0, 0)
+    assert torch.equal(
+        goldfish_mask(labels, k=2, h=2, attention_mask=attn),
+        goldfish_mask(padded_with_zero, k=2, h=2, attention_mask=attn),
+    )
+    with pytest.raises(ValueError, match=r"got -100 at position \[0, 1\]"):
+        goldfish_mask(labels, attention_mask=torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+    assert goldfish_mask(torch.zeros(0, dtype=torch.long)).shape == (0,)

@@ -156,6 +156,27 @@ def _check_input_ids(input_ids: object) -> Tensor:
     return input_ids
 
 
+def _check_non_negative(input_ids: Tensor, attended: Tensor | None) -> None:
+    """Token ids are vocabulary indices (``>= 0``); padding positions (mask 0) may hold anything."""
+    if input_ids.numel() == 0 or int(input_ids.min()) >= 0:  # one min() per call
+        return
+    negative = input_ids < 0
+    if attended is not None:
+        negative &= attended
+    if not bool(negative.any()):
+        return
+    where = tuple(int(v) for v in negative.nonzero()[0])
+    value = int(input_ids[where])
+    hint = (
+        "-100 is the ignore_index of labels: it looks like labels were passed as input_ids; pass the token ids "
+        "the model reads (pad with the tokenizer's pad_token_id and attention_mask=0)"
+        if value == -100
+        else "token ids index the vocabulary; pass the tokenizer's input_ids (padding may hold any value where "
+        "attention_mask is 0)"
+    )
+    raise ValueError(f"input_ids must hold token ids >= 0, got {value} at position {list(where)}; {hint}")
+
+
 def _check_attention_mask(attention_mask: object, input_ids: Tensor) -> Tensor:
     if not isinstance(attention_mask, Tensor):
         raise TypeError(
@@ -275,7 +296,8 @@ def goldfish_mask(
       ``k`` (e.g. ``k=4`` drops a subset of what ``k=2`` drops).
 
     Args:
-        input_ids: integer token ids, shape ``[T]`` or ``[B, T]``, on any device.
+        input_ids: integer token ids ``>= 0``, shape ``[T]`` or ``[B, T]``, on any device
+            (positions with ``attention_mask == 0`` may hold any value).
         k: drop about one target in ``k``; an integer ``>= 2``.
         h: number of preceding tokens hashed; an integer ``>= 1``.
         seed: integer seed of the hash (any integer; reduced modulo ``2**64``).
@@ -289,7 +311,8 @@ def goldfish_mask(
 
     Raises:
         ValueError: ``k < 2``, ``h < 1``, a non-integer ``k``/``h``, a wrong rank of
-            ``input_ids``, or an ``attention_mask`` of another shape or device.
+            ``input_ids``, a negative token id at an attended position (``-100`` means labels
+            were passed as ``input_ids``), or an ``attention_mask`` of another shape or device.
         TypeError: ``input_ids`` not an integer tensor, a non-integer ``seed`` or exempt id.
 
     Example:
@@ -308,6 +331,7 @@ def goldfish_mask(
     exempt = _check_exempt(exempt_token_ids)
     input_ids = _check_input_ids(input_ids)
     attended = None if attention_mask is None else _check_attention_mask(attention_mask, input_ids)
+    _check_non_negative(input_ids, attended)
 
     squeeze = input_ids.dim() == 1
     ids = input_ids.to(torch.int64)

@@ -123,6 +123,10 @@ def token_logprob_stats(
     return log_probs, mu, sigma, mask
 
 
+#: Largest value accepted in ``log_probs`` (log-probabilities are ``<= 0``; this allows float error).
+LOG_PROB_TOLERANCE = 1e-6
+
+
 def _check_log_probs(log_probs: Tensor, mask: Tensor | None) -> Tensor:
     if not isinstance(log_probs, Tensor) or not log_probs.is_floating_point():
         raise TypeError(
@@ -155,7 +159,18 @@ def _check_log_probs(log_probs: Tensor, mask: Tensor | None) -> Tensor:
         )
     if bool((torch.isnan(log_probs) & mask).any()):
         raise ValueError("log_probs holds NaN at a valid (mask=True) position")
+    # one max() per call; the masked search runs only when a positive value exists somewhere
+    if log_probs.numel() and float(log_probs.max()) > LOG_PROB_TOLERANCE:
+        bad = (log_probs > LOG_PROB_TOLERANCE) & mask
+        if bool(bad.any()):
+            row, col = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(
+                f"log_probs must be log-probabilities (<= 0), got {float(log_probs[row, col]):.6g} at sequence "
+                f"{row}, token {col}; positive values are losses (pass -loss), negated log-probs or logits: "
+                "compute them with token_logprob_stats(logits, labels)"
+            )
     return mask
+
 
 
 def _check_k(k: float) -> None:
@@ -196,7 +211,8 @@ def mia_loss(log_probs: Tensor, mask: Tensor | None = None) -> Tensor:
         A tensor ``[N]`` in the dtype of ``log_probs``.
 
     Raises:
-        TypeError / ValueError: on a wrong dtype or shape, a row without a valid token, or NaN.
+        TypeError / ValueError: on a wrong dtype or shape, a row without a valid token, NaN, or a
+            positive "log-probability" (above ``1e-6``) at a valid position.
 
     Example:
         >>> mia_loss(torch.tensor([[-1.0, -3.0, -8.0]]), torch.tensor([[True, True, False]]))
@@ -326,8 +342,8 @@ def mia_min_k_plus_plus(
             NaN ``sigma`` at a valid position, plus the checks of :func:`mia_min_k`.
 
     Example:
-        >>> z = torch.tensor([[-2.0, 0.0, 1.0]])  # with mu = 0, sigma = 1 the z-scores are log p
-        >>> mia_min_k_plus_plus(z, torch.zeros(1, 3), torch.ones(1, 3), k=0.5)  # ceil(1.5) = 2
+        >>> log_p = torch.tensor([[-3.0, -1.0, 0.0]])  # mu = -1, sigma = 1: z-scores -2, 0, 1
+        >>> mia_min_k_plus_plus(log_p, torch.full((1, 3), -1.0), torch.ones(1, 3), k=0.5)  # ceil(1.5) = 2
         tensor([1.])
     """
     _check_k(k)
@@ -348,8 +364,8 @@ def mia_min_k_plus_plus(
             "sigma must be >= 0 and mu, sigma non-NaN at every valid position; "
             "compute them with token_logprob_stats"
         )
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0 (the floor of sigma), got {eps!r}; e.g. eps=1e-3")
     z = (log_probs - mu) / sigma.clamp(min=eps)
     z = torch.where(mask, z, torch.zeros_like(z))
     return -_lowest_fraction_mean(z.to(log_probs.dtype), mask, k)
