@@ -216,7 +216,13 @@ def normalized_l2(a: Tensor, b: Tensor, chunk: int = 256) -> Tensor:
         >>> normalized_l2(torch.zeros(1, 1, 2, 2), torch.full((1, 1, 2, 2), 0.5))
         tensor([[0.5000]])
     """
+    chunk = check_int("chunk", chunk, 1, "e.g. chunk=256 rows per block")
     x, y = _flat(a), _flat(b)
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(
+            f"a and b must have the same number of pixels per image, got shapes {tuple(a.shape)} and {tuple(b.shape)}; "
+            "resize one set so both match"
+        )
     d = x.shape[1]
     out = []
     for s in range(0, x.shape[0], chunk):
@@ -315,6 +321,8 @@ def nearest_neighbors(
     if backend not in ("faiss", "torch"):
         raise ValueError(f"backend must be 'faiss' or 'torch', got {backend!r}")
     k = check_int("k", k, 1, "e.g. k=1 for the top-1 match")
+    chunk = check_int("chunk", chunk, 1, "e.g. chunk=1024 queries per block")
+    ef_search = check_int("ef_search", ef_search, 1, "e.g. ef_search=128")
     q = torch.as_tensor(queries).detach().float().cpu()
     if q.dim() != 2:
         raise ValueError(f"queries must be [Q, D], got shape {tuple(q.shape)}")
@@ -379,6 +387,8 @@ def build_faiss_index(
         >>> build_faiss_index(torch.randn(2000, 8), exact=False, kind="ivf", nlist=16, nprobe=4).nprobe
         4
     """
+    if metric not in ("ip", "l2"):
+        raise ValueError(f"metric must be 'ip' (inner product) or 'l2' (squared distance), got {metric!r}")
     faiss = import_faiss("build_faiss_index")
     ref = np.ascontiguousarray(torch.as_tensor(reference).detach().float().cpu().numpy(), dtype=np.float32)
     if ref.ndim != 2 or ref.shape[0] == 0:
@@ -446,6 +456,11 @@ def carlini_scores(
     if not is_number(alpha) or not alpha > 0:
         raise ValueError(f"alpha must be a finite number > 0, got {alpha!r}; Carlini et al. use alpha=0.5")
     g = _check_grid(grid)
+    if index is None:  # with a prebuilt index (ReplicaRate) the caller has checked the images
+        check_images(reference, "reference")
+        check_images(generated, "generated", like=reference)
+        if reference.shape[0] == 0:
+            raise ValueError("reference is empty: need at least one training image to compare with")
     kk = min(check_int("k", k, 1, "Carlini et al. use k=50"), reference.shape[0])
     _, nbr = nearest_neighbors(_flat(generated), _flat(reference), kk, "l2", exact=exact, backend=backend, index=index)
     if generated.shape[0] == 0:
@@ -519,6 +534,7 @@ def embed(images: Tensor, embedder: nn.Module | None = None, batch_size: int = 2
         >>> embed(torch.rand(3, 1, 8, 8)).shape
         torch.Size([3, 256])
     """
+    batch_size = check_int("batch_size", batch_size, 1, "e.g. batch_size=256")
     if embedder is None:
         return pixel_embedding(images.detach())
     if not isinstance(embedder, nn.Module):
@@ -567,7 +583,8 @@ def replica_penalty(
     Args:
         pred_x0: ``[B, C, H, W]`` predicted clean images (any scale; cosine is scale-free).
         target_x0: ``[B, C, H, W]`` training targets.
-        sigma: ``[B]`` noise standard deviations in ``[0, 1]``.
+        sigma: ``[B]`` noise standard deviations in ``[0, 1]`` (one per sample; any shape with
+            ``B`` elements, e.g. ``[B, 1, 1, 1]``, is flattened).
         threshold: correlation above which the penalty is active, in ``[-1, 1)``.
         min_noise: penalise only samples with ``sigma >= min_noise``, in ``[0, 1]``.
 
@@ -585,6 +602,13 @@ def replica_penalty(
         raise ValueError(f"min_noise must be a noise level sigma in [0, 1], got {min_noise!r}; e.g. min_noise=0.8")
     if pred_x0.shape != target_x0.shape or pred_x0.dim() < 2:
         raise ValueError(f"pred_x0 and target_x0 must have the same shape [B, ...], got {tuple(pred_x0.shape)} and {tuple(target_x0.shape)}")
+    if not isinstance(sigma, Tensor) or sigma.numel() != pred_x0.shape[0] or sigma.is_complex():
+        got = f"shape {tuple(sigma.shape)}" if isinstance(sigma, Tensor) else type(sigma).__name__
+        raise ValueError(
+            f"sigma must be a tensor [B] with one noise level per sample (B = {pred_x0.shape[0]}), got {got}; "
+            "pass sqrt(1 - alphas_cumprod[timesteps]) (DiffusionStep.sigma)"
+        )
+    sigma = sigma.reshape(-1)
     p = pred_x0.flatten(1)
     t = target_x0.detach().flatten(1).to(p.dtype)
     p = p - p.mean(dim=1, keepdim=True)
