@@ -90,9 +90,10 @@ def _weights(model):
 
 
 def test_noise_changes_the_weights_and_runs_are_reproducible():
-    _, m0 = _fit(DifferentialPrivacy(noise_multiplier=0.0), max_epochs=2)
-    _, m0b = _fit(DifferentialPrivacy(noise_multiplier=0.0), max_epochs=2)
-    _, m1 = _fit(DifferentialPrivacy(noise_multiplier=1.0), max_epochs=2)
+    # reproducible_noise=True: sampling and noise follow the global seed (tests only)
+    _, m0 = _fit(DifferentialPrivacy(noise_multiplier=0.0, reproducible_noise=True), max_epochs=2)
+    _, m0b = _fit(DifferentialPrivacy(noise_multiplier=0.0, reproducible_noise=True), max_epochs=2)
+    _, m1 = _fit(DifferentialPrivacy(noise_multiplier=1.0, reproducible_noise=True), max_epochs=2)
     _, plain = _fit(None, max_epochs=2)
     assert torch.equal(_weights(m0), _weights(m0b))  # same seed: same Poisson batches, same updates
     diff = float((_weights(m1) - _weights(m0)).norm())
@@ -217,17 +218,19 @@ def test_min_epochs_cannot_force_steps_past_the_budget():
 
 
 def test_resume_continues_the_privacy_spend(tmp_path):
-    full = DifferentialPrivacy(noise_multiplier=1.0)
+    # reproducible_noise=True makes the weights comparable: a resumed run redraws steps 8..15 exactly
+    full = DifferentialPrivacy(noise_multiplier=1.0, reproducible_noise=True)
     _, m_full = _fit(full, max_epochs=2)
 
-    first = DifferentialPrivacy(noise_multiplier=1.0)
+    first = DifferentialPrivacy(noise_multiplier=1.0, reproducible_noise=True)
     trainer1, _ = _fit(first, max_epochs=1)
     ckpt = tmp_path / "epoch1.ckpt"
     trainer1.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=True)["callbacks"]["DifferentialPrivacy"]
     assert saved["accountant"] == {"history": [[1.0, 0.125, 8]], "mechanism": "prv"}
+    assert saved["nonprivate_steps"] == 0 and not any("seed" in key or "generator" in key for key in saved)
 
-    resumed = DifferentialPrivacy(noise_multiplier=1.0)
+    resumed = DifferentialPrivacy(noise_multiplier=1.0, reproducible_noise=True)
     pl.seed_everything(0, verbose=False)
     m_res = Toy()
     _trainer([resumed], max_epochs=2).fit(m_res, _loader(), ckpt_path=ckpt)
@@ -336,7 +339,7 @@ def test_hf_causal_lm_takes_a_dp_step(kind):
 def _one_step(mode, seed=0):
     model = TinyLM("llama")
     pl.seed_everything(seed, verbose=False)
-    dp = DifferentialPrivacy(noise_multiplier=0.0, grad_sample_mode=mode, max_grad_norm=0.05)
+    dp = DifferentialPrivacy(noise_multiplier=0.0, grad_sample_mode=mode, max_grad_norm=0.05, reproducible_noise=True)
     _trainer([dp], max_steps=2).fit(model, DataLoader(_lm_data(), batch_size=8))
     return _weights(model)
 

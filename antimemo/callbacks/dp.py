@@ -22,13 +22,23 @@ What the callback changes, and when (Lightning 2.6 hook order):
   step, the accountant must have recorded exactly one step. At the first step the per-sample
   gradients must also add up to the ordinary batch gradient. Any failure raises: training never
   continues without privacy while an epsilon is reported.
-- ``on_train_epoch_end`` logs ``dp/epsilon``; ``on_train_end`` stores the final value in
-  ``trainer.callback_metrics`` and :attr:`DifferentialPrivacy.epsilon`.
-- ``state_dict`` holds the accountant history, so a resumed run continues the privacy spend.
+- every step, also: no parameter may have changed since the last DP step except through the DP
+  optimizer's own step (a raw optimizer the user kept, a ``.data`` write...), the optimizer
+  ``configure_optimizers`` returned may only be stepped by the DP optimizer, and no parameter may
+  have become trainable after fit start (its per-sample gradients would be missing).
+- ``on_train_start`` also refuses a start from non-private training it can see (a checkpoint
+  without DP state, or more trained steps than private ones) unless ``allow_nonprivate_start=True``.
+- ``on_train_epoch_end`` logs ``dp/epsilon`` and ``dp/nonprivate_steps``; ``on_train_end`` stores
+  the final values in ``trainer.callback_metrics``; :meth:`DifferentialPrivacy.guarantee` states
+  the whole guarantee (what the report prints).
+- ``state_dict`` holds the accountant history, so a resumed run continues the privacy spend. The
+  noise generator's seed is never saved: it is drawn from the OS entropy source at every fit.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -89,7 +99,18 @@ class DifferentialPrivacy(pl.Callback):
     verifies). The privacy unit is one training example: one row of the dataset, i.e. one
     sequence for causal LMs. The guarantee is (epsilon, delta)-DP under add/remove-one adjacency
     for the *final and every intermediate* model, given that the noise and sampling randomness
-    stays secret (``secure_mode=True`` for a cryptographically secure generator).
+    stays secret: by default both are drawn from generators seeded from the OS entropy source at
+    every fit (never from the global seed, never saved in checkpoints); ``secure_mode=True`` uses
+    a cryptographically secure generator instead; ``reproducible_noise=True`` (tests only) seeds
+    them from the global seed, which voids the guarantee against anyone who knows the seed.
+
+    **Non-private starts** are refused: resuming a checkpoint without DP state, or one that was
+    trained for more steps than its DP history records, raises unless
+    ``allow_nonprivate_start=True``; then the non-private steps are counted
+    (:attr:`nonprivate_steps`, logged as ``dp/nonprivate_steps``) and every report of epsilon says
+    that it covers only the steps after the private start. Weights trained before ``fit`` without
+    a checkpoint (e.g. ``load_from_checkpoint`` or ``load_state_dict`` of a non-private model)
+    cannot be detected: starting from private (or public) weights is the user's responsibility.
 
     **Loss.** Opacus' ``loss_reduction="mean"`` requires the loss of a batch to be the *mean of
     per-sample losses* (e.g. ``F.cross_entropy(logits, y)`` for classification). Hugging Face
@@ -127,6 +148,13 @@ class DifferentialPrivacy(pl.Callback):
         fix: replace layers Opacus does not support (BatchNorm, LSTM, MultiheadAttention) by
             their DP-compatible equivalents (``opacus.validators.ModuleValidator.fix``), in place,
             before the optimizer is built; otherwise such layers raise an error naming them.
+        allow_nonprivate_start: accept a start from weights trained without DP that the callback
+            can see (a resumed checkpoint without DP state or with more steps than DP steps). The
+            non-private steps are recorded and reported; epsilon covers only the later steps.
+        reproducible_noise: seed the noise and the Poisson sampling from the global seed
+            (``seed_everything``), so that two runs are bit-identical. For tests and debugging
+            only: anyone who knows the seed can regenerate the noise and subtract it (a warning
+            says so). Default ``False``: both are seeded from the OS entropy source at every fit.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -153,11 +181,13 @@ class DifferentialPrivacy(pl.Callback):
         grad_sample_mode: str = "hooks",
         secure_mode: bool = False,
         fix: bool = False,
+        allow_nonprivate_start: bool = False,
+        reproducible_noise: bool = False,
     ) -> None:
         super().__init__()
         check_dp_arguments(
             noise_multiplier, target_epsilon, delta, max_grad_norm, epochs, accountant, poisson_sampling,
-            grad_sample_mode, secure_mode, fix,
+            grad_sample_mode, secure_mode, fix, allow_nonprivate_start, reproducible_noise,
         )
         opacus = _import_opacus()
         if secure_mode:
@@ -180,6 +210,8 @@ class DifferentialPrivacy(pl.Callback):
         self.grad_sample_mode = grad_sample_mode
         self.secure_mode = secure_mode
         self.fix = fix
+        self.allow_nonprivate_start = allow_nonprivate_start
+        self.reproducible_noise = reproducible_noise
         self.opacus_version = opacus.__version__
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="GDP accounting is experimental")
@@ -188,6 +220,16 @@ class DifferentialPrivacy(pl.Callback):
             warnings.warn(
                 "DifferentialPrivacy(noise_multiplier=0) clips per-sample gradients but adds no noise: "
                 "there is no privacy guarantee (epsilon is logged as inf)",
+                UserWarning,
+                stacklevel=2,
+            )
+        if reproducible_noise:
+            warnings.warn(
+                "DifferentialPrivacy(reproducible_noise=True) draws the Gaussian noise and the Poisson sampling from "
+                "streams seeded by the global seed (seed_everything): anyone who knows or guesses the seed can "
+                "regenerate the noise, subtract it from the released weights and see which examples were in each "
+                "batch, so the reported epsilon is no guarantee against them. Use it for tests and debugging only; "
+                "keep reproducible_noise=False (noise seeded from the OS entropy source) for real training",
                 UserWarning,
                 stacklevel=2,
             )
@@ -200,7 +242,20 @@ class DifferentialPrivacy(pl.Callback):
         self.rank = 0
         self.fixed_layers: list[str] = []
         self.stopped_by_budget = False
+        #: steps the model was trained without DP before the private start (allow_nonprivate_start=True)
+        self.nonprivate_steps = 0
+        #: True when training started from weights the callback knows were trained without DP
+        self.nonprivate_start = False
         self._seed = 0
+        self._ckpt_seen = False
+        self._ckpt_has_state = False
+        self._ckpt_global_step: int | None = None
+        self._state_loaded = False
+        self._trainable_at_start: set[int] = set()
+        self._watched: list[Tensor] = []
+        self._fingerprint: tuple[tuple[int, ...], Tensor] | None = None
+        self._dp_step_ready = False
+        self._opt_handles: list[Any] = []
         self._steps_before_batch = 0
         self._batch_size: int | None = None
         self._budget_ok_until: int | None = None
@@ -289,7 +344,12 @@ class DifferentialPrivacy(pl.Callback):
             )
         self.world_size = int(trainer.world_size)
         self.rank = int(trainer.global_rank)
-        self._seed = int(strategy.broadcast(int(torch.initial_seed()) % (1 << 63), src=0))
+        # the Poisson sampling's seed: the global seed only with reproducible_noise=True; otherwise a fresh secret
+        # from the OS entropy source at every fit (knowing which examples were in a batch would void the privacy
+        # amplification by subsampling the accountant relies on). Never saved in checkpoints.
+        seed = int(torch.initial_seed()) % (1 << 63) if self.reproducible_noise else secrets.randbits(63)
+        self._seed = int(strategy.broadcast(seed, src=0))
+        self._ckpt_seen, self._ckpt_has_state, self._ckpt_global_step, self._state_loaded = False, False, None, False
         self.fixed_layers = validate_model(pl_module, self.fix) or self.fixed_layers
         register_grad_samplers()
         if self._loader_handle is not None:
@@ -352,6 +412,7 @@ class DifferentialPrivacy(pl.Callback):
                 "loader was built by fit_loop.setup_data); refusing to train without DP"
             )
         self._check_loader(trainer)
+        self._check_private_start(trainer)
         self._pl_module = pl_module
         # Opacus' backward hooks on the first layer (an embedding, whose input ids need no gradient)
         # make torch warn at every step; the per-sample gradients are still checked every step.
@@ -409,6 +470,10 @@ class DifferentialPrivacy(pl.Callback):
             generator = csprng.create_random_device_generator("/dev/urandom")
         else:
             generator = torch.Generator(device=pl_module.device)
+            if not self.reproducible_noise:
+                # a fresh secret per fit, from the OS entropy source: the global seed cannot regenerate the noise.
+                # Never saved (state_dict holds none of it); reproducible_noise=True reseeds per step instead.
+                generator.manual_seed(secrets.randbits(63))
         self._noise_generator = generator
         assert self.dataset_size is not None
         dp_opt = cls(
@@ -424,6 +489,17 @@ class DifferentialPrivacy(pl.Callback):
         self._original_optimizer = original
         self._dp_optimizer = dp_opt
         trainer.strategy.optimizers = [dp_opt]
+        # the optimizer configure_optimizers returned may only be stepped by the DP optimizer (a user may keep a
+        # reference to it, e.g. self.raw, and step it with the raw gradient): refuse before any weight changes
+        for handle in self._opt_handles:
+            handle.remove()
+        self._dp_step_ready = False
+        self._opt_handles = [
+            original.register_step_pre_hook(self._before_original_step),
+            original.register_step_post_hook(self._after_original_step),
+        ]
+        self._trainable_at_start = set(trainable)
+        self._watched = list(pl_module.parameters())
 
         from torch.nn.parallel import DistributedDataParallel
 
@@ -446,12 +522,138 @@ class DifferentialPrivacy(pl.Callback):
             planned = self._planned_steps(trainer)
             if not self._budget_allows(trainer, self.steps + 1, guess=max(1, planned - self.steps)):
                 self._stop(trainer)
+        self._fingerprint = self._take_fingerprint()
         rank_zero_info(
             f"DifferentialPrivacy: noise_multiplier={self.noise_multiplier:.4g}, max_grad_norm={self.max_grad_norm:g}, "
             f"sample_rate={self.sample_rate:.4g} (expected batch {self.sample_rate * self.dataset_size:.1f} of "
             f"{self.dataset_size} examples, {int(1 / self.sample_rate)} steps/epoch), delta={self.delta:.3g}, "
-            f"accountant={self.accountant}, grad_sample_mode={self.grad_sample_mode}, world_size={self.world_size}"
+            f"accountant={self.accountant}, grad_sample_mode={self.grad_sample_mode}, world_size={self.world_size}, "
+            f"noise={self._noise_source()}{self._coverage_note()}"
         )
+
+    # ------------------------------------------------------------------ non-private starts
+    def _check_private_start(self, trainer: pl.Trainer) -> None:
+        """Refuse (or, with ``allow_nonprivate_start``, record) a start from visibly non-private training."""
+        global_step = int(trainer.global_step)
+        ckpt = trainer.ckpt_path
+        resumed = self._ckpt_seen or ckpt is not None
+        where = f"the checkpoint {str(ckpt)!r}" if ckpt is not None else "the loaded checkpoint"
+        previous = self.nonprivate_steps
+        if resumed and not self._state_loaded:
+            new = max(global_step, self._ckpt_global_step or 0)
+            total = new
+            situation = (
+                f"resuming from {where}, which holds no DifferentialPrivacy state (it was written by a run without "
+                f"DP, or saved without callback states): its weights come from {new} training steps without DP"
+            )
+        else:
+            new = global_step - self.steps - previous
+            if new <= 0 and previous == 0:
+                return
+            total = previous + max(new, 0)
+            if new > 0:
+                situation = (
+                    f"the model has taken {global_step} training steps but the DP history records only {self.steps} "
+                    f"private steps{f' and {previous} earlier non-private ones' if previous else ''}: {new} steps were "
+                    "taken without DP (e.g. a checkpoint of a run that trained without DP first, or a trainer that "
+                    "trained without this callback before)"
+                )
+            else:
+                situation = (
+                    f"{where if resumed else 'this callback'} records {previous} non-private training steps before its "
+                    "private start (the run that wrote it used allow_nonprivate_start=True)"
+                )
+        if not self.allow_nonprivate_start:
+            raise RuntimeError(
+                f"DifferentialPrivacy refuses a non-private start: {situation}. An epsilon computed from the DP steps "
+                f"alone would not cover those {total} non-private steps. Fix: train with DifferentialPrivacy from the "
+                "first step (resume only checkpoints written by a DP run, or fit without ckpt_path from untrained or "
+                "public weights), or pass DifferentialPrivacy(allow_nonprivate_start=True) to accept that the "
+                "guarantee covers only the steps after the private start (dp/nonprivate_steps and the report then "
+                "say so)"
+            )
+        self.nonprivate_steps = total
+        self.nonprivate_start = True
+        self._eps_cache = None
+        rank_zero_warn(
+            f"DifferentialPrivacy(allow_nonprivate_start=True): {situation}. The reported epsilon covers only the "
+            f"DP steps after the private start, not the {total} non-private steps before it: the model as a whole "
+            "has no DP guarantee for its training data"
+        )
+
+    def _coverage_note(self) -> str:
+        if not self.nonprivate_start:
+            return ""
+        return (
+            f" (the guarantee covers only the steps after the private start: {self.nonprivate_steps} earlier steps "
+            "were not private)"
+        )
+
+    def _noise_source(self) -> str:
+        if self.secure_mode:
+            return "secure (torchcsprng)"
+        if self.reproducible_noise:
+            return "REPRODUCIBLE from the global seed (reproducible_noise=True)"
+        return "secret (seeded from the OS entropy source)"
+
+    # ------------------------------------------------------------------ parameter changes outside the DP step
+    def _take_fingerprint(self) -> tuple[tuple[int, ...], Tensor] | None:
+        """Version counters and float32 (L2, L1) norms of every parameter: cheap, and changed by any update."""
+        params = self._watched
+        if not params:
+            return None
+        versions = tuple(int(p._version) for p in params)
+        device = params[0].device
+        values = torch.empty(len(params), 2, dtype=torch.float32, device=device)
+        groups: dict[tuple[Any, Any], list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((p.device, p.dtype), []).append(i)
+        with torch.no_grad():
+            for idx in groups.values():
+                tensors = [params[i].detach() for i in idx]
+                l2 = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+                l1 = torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))
+                values[torch.tensor(idx, device=device)] = torch.stack([l2, l1], dim=1).to(device)
+        return versions, values
+
+    def _check_fingerprint(self, when: str) -> None:
+        before = self._fingerprint
+        if before is None:
+            return
+        now = self._take_fingerprint()
+        assert now is not None
+        same_values = (before[1] == now[1]) | (before[1].isnan() & now[1].isnan())
+        if before[0] == now[0] and bool(same_values.all()):
+            return
+        changed = [
+            self._param_name(p)
+            for i, p in enumerate(self._watched)
+            if before[0][i] != now[0][i] or not bool(same_values[i].all())
+        ]
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise RuntimeError(
+            f"DifferentialPrivacy: parameter(s) {shown} changed {when} without going through the DP optimizer's step "
+            "(e.g. a second optimizer over the model's parameters, such as self.raw = torch.optim.SGD(...), was "
+            "stepped, or p.data was written): such an update uses a non-private gradient, so no epsilon can be "
+            "reported. Refusing. Fix: update the weights only through the optimizer Lightning gives you "
+            "(self.optimizers() in manual optimization, which is the DP optimizer) and keep no other optimizer or "
+            "reference to the original one"
+        )
+
+    def _before_original_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Step pre-hook of the optimizer configure_optimizers returned: only the DP optimizer may step it."""
+        if not self._dp_step_ready:
+            raise RuntimeError(
+                f"DifferentialPrivacy: the optimizer configure_optimizers returned ({type(optimizer).__name__}) was "
+                "stepped directly, not through the DP optimizer: that step would apply the raw, unclipped, noise-free "
+                "gradient. Refusing (the weights were not changed). Fix: step the optimizer Lightning gives you "
+                "(self.optimizers() in manual optimization, which is the DP optimizer) and keep no reference to the "
+                "original optimizer (e.g. self.raw = ...)"
+            )
+        self._dp_step_ready = False
+
+    def _after_original_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._fingerprint = self._take_fingerprint()
 
     def _check_loader(self, trainer: pl.Trainer) -> None:
         loader = trainer.train_dataloader
@@ -527,11 +729,11 @@ class DifferentialPrivacy(pl.Callback):
             rank_zero_info(
                 f"DifferentialPrivacy: stopping training after {self.steps} steps: one more step would push epsilon "
                 f"past target_epsilon={self.target_epsilon:g} at delta={self.delta:.3g} "
-                f"(epsilon now {self.epsilon:.4g})"
+                f"(epsilon now {self.epsilon:.4g}){self._coverage_note()}"
             )
             rank_zero_warn(
                 f"DifferentialPrivacy stopped training: the privacy budget target_epsilon={self.target_epsilon:g} "
-                f"allows no further step (epsilon {self.epsilon:.4g} after {self.steps} steps)"
+                f"allows no further step (epsilon {self.epsilon:.4g} after {self.steps} steps){self._coverage_note()}"
             )
         self.stopped_by_budget = True
         trainer.should_stop = True
@@ -542,6 +744,7 @@ class DifferentialPrivacy(pl.Callback):
         self._account_step(optimizer)
         if self._grad_seam is not None:
             self._grad_seam.flush()
+        self._dp_step_ready = True
 
     def _account_step(self, optimizer: Any) -> None:
         assert self.sample_rate is not None
@@ -595,6 +798,16 @@ class DifferentialPrivacy(pl.Callback):
                 f"DifferentialPrivacy: Lightning is about to step {type(optimizer).__name__}, not the DP optimizer; "
                 "refusing to train without DP"
             )
+        if self._pl_module is not None:
+            for name, p in self._pl_module.named_parameters():
+                if p.requires_grad and id(p) not in self._trainable_at_start:
+                    raise RuntimeError(
+                        f"DifferentialPrivacy: parameter {name} became trainable after DP started (it was frozen, or "
+                        "did not exist, at fit start); per-sample gradients are computed only for parameters trainable "
+                        "at fit start, so its gradient could not be clipped per example. Unfreeze it before fit, or "
+                        "restart the fit (e.g. from a checkpoint) after unfreezing"
+                    )
+        self._check_fingerprint("since the last DP step")
         b = self._batch_size
         ghost = self.grad_sample_mode == "ghost"
         params = self._dp_optimizer.params
@@ -636,7 +849,7 @@ class DifferentialPrivacy(pl.Callback):
                 f"(after {self.steps} steps); training should have stopped (Trainer min_epochs/min_steps override "
                 "trainer.should_stop: lower them)"
             )
-        if not self.secure_mode:
+        if self.reproducible_noise:
             self._noise_generator.manual_seed(mix_seed(self._seed, _NOISE_STREAM, self.rank, self.steps))
 
     def _param_name(self, p: Tensor) -> str:
@@ -669,6 +882,8 @@ class DifferentialPrivacy(pl.Callback):
         """Verify that exactly one DP step was accounted; stop when the budget allows no further step."""
         for seam in self._seams:
             seam.close()
+        self._check_fingerprint("after this batch's DP step")
+        self._dp_step_ready = False
         taken = self.steps - self._steps_before_batch
         if taken != 1:
             raise RuntimeError(
@@ -683,10 +898,21 @@ class DifferentialPrivacy(pl.Callback):
         """Log ``dp/epsilon`` at the configured delta."""
         # identical on every rank (each rank's accountant records the same steps); sync_dist averages equal values
         pl_module.log("dp/epsilon", float(self.epsilon), on_step=False, on_epoch=True, sync_dist=self.world_size > 1)
+        # epsilon is never logged alone: the steps it does not cover are logged with it
+        pl_module.log(
+            "dp/nonprivate_steps", float(self.nonprivate_steps), on_step=False, on_epoch=True, sync_dist=self.world_size > 1
+        )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Store the final ``dp/epsilon`` in ``trainer.callback_metrics``."""
+        """Store the final ``dp/epsilon`` and ``dp/nonprivate_steps`` in ``trainer.callback_metrics``."""
         trainer.callback_metrics["dp/epsilon"] = torch.tensor(float(self.epsilon))
+        trainer.callback_metrics["dp/nonprivate_steps"] = torch.tensor(float(self.nonprivate_steps))
+        if self.nonprivate_start:
+            rank_zero_warn(
+                f"DifferentialPrivacy: epsilon={self.epsilon:.4g} at delta={self.delta:.3g} covers only the "
+                f"{self.steps} DP steps after the private start; the {self.nonprivate_steps} steps before it were not "
+                "private (allow_nonprivate_start=True)"
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the hooks and patches and give the strategy its original optimizer back."""
@@ -718,6 +944,12 @@ class DifferentialPrivacy(pl.Callback):
                         delattr(p, attr)
         self._dp_optimizer = None
         self._original_optimizer = None
+        for handle in self._opt_handles:
+            handle.remove()
+        self._opt_handles = []
+        self._dp_step_ready = False
+        self._fingerprint = None
+        self._watched = []
         for attr in ("_loader_handle", "_grad_handle"):
             handle = getattr(self, attr)
             if handle is not None:
@@ -739,6 +971,8 @@ class DifferentialPrivacy(pl.Callback):
             "delta": self.delta,
             "sample_rate": self.sample_rate,
             "max_grad_norm": self.max_grad_norm,
+            "nonprivate_steps": self.nonprivate_steps,
+            "nonprivate_start": self.nonprivate_start,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -763,4 +997,75 @@ class DifferentialPrivacy(pl.Callback):
             )
         if self.target_epsilon is not None and state_dict.get("noise_multiplier") is not None:
             self._restored_noise = float(state_dict["noise_multiplier"])
+        self.nonprivate_steps = int(state_dict.get("nonprivate_steps", 0) or 0)
+        self.nonprivate_start = bool(state_dict.get("nonprivate_start", False)) or self.nonprivate_steps > 0
+        self._state_loaded = True
         self._eps_cache = None
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Note that a checkpoint is being resumed (its DP state, if any, arrives through :meth:`load_state_dict`)."""
+        self._ckpt_seen = True
+        step = checkpoint.get("global_step")
+        self._ckpt_global_step = int(step) if isinstance(step, int) else None
+
+    # ------------------------------------------------------------------ the guarantee
+    def guarantee(self) -> dict[str, Any]:
+        """The privacy guarantee of the training so far, as plain values (what ``report.json`` stores).
+
+        Keys: ``epsilon``, ``delta``, ``accountant``, ``private_steps``, ``noise_multiplier``,
+        ``max_grad_norm``, ``sample_rate``, ``dataset_size``, ``unit``, ``noise`` (``"secret"``,
+        ``"secure"`` or ``"reproducible"``), ``reproducible_noise``, ``nonprivate_start``,
+        ``nonprivate_steps`` and ``statement`` (one sentence that never gives epsilon without
+        what it covers).
+
+        Example:
+            >>> g = DifferentialPrivacy(noise_multiplier=1.0).guarantee()
+            >>> g["epsilon"], g["private_steps"], g["nonprivate_steps"], g["noise"]
+            (0.0, 0, 0, 'secret')
+        """
+        try:
+            epsilon: float | None = float(self.epsilon)
+        except RuntimeError:  # history restored but delta not known yet
+            epsilon = None
+        noise = "secure" if self.secure_mode else "reproducible" if self.reproducible_noise else "secret"
+        steps = self.steps
+        if epsilon is None or self.delta is None:
+            statement = f"{steps} DP steps; epsilon not known yet (delta is set when the training data is known)"
+        elif math.isinf(epsilon):
+            statement = (
+                f"no privacy guarantee: epsilon=inf (noise_multiplier={self.noise_multiplier}, clipping only) "
+                f"over {steps} steps"
+            )
+        else:
+            statement = (
+                f"({epsilon:.4g}, {self.delta:.3g})-DP for one training example (add/remove one), {self.accountant} "
+                f"accountant, {steps} private steps at noise_multiplier={self.noise_multiplier:.4g}, "
+                f"max_grad_norm={self.max_grad_norm:g}, sample_rate={self.sample_rate if self.sample_rate is None else f'{self.sample_rate:.4g}'}; "
+                "for the final and every intermediate model, given that the noise and sampling stay secret"
+            )
+        if self.nonprivate_start:
+            statement += (
+                f". It covers ONLY the {steps} steps after the private start: the model was trained for "
+                f"{self.nonprivate_steps} non-private steps before (allow_nonprivate_start=True), which no epsilon covers"
+            )
+        if self.reproducible_noise:
+            statement += (
+                ". WARNING: the noise and sampling were seeded from the global seed (reproducible_noise=True): "
+                "anyone who knows the seed can remove the noise, so there is no guarantee against them"
+            )
+        return {
+            "epsilon": epsilon,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "private_steps": steps,
+            "noise_multiplier": self.noise_multiplier,
+            "max_grad_norm": self.max_grad_norm,
+            "sample_rate": self.sample_rate,
+            "dataset_size": self.dataset_size,
+            "unit": "one training example (add/remove-one adjacency)",
+            "noise": noise,
+            "reproducible_noise": self.reproducible_noise,
+            "nonprivate_start": self.nonprivate_start,
+            "nonprivate_steps": self.nonprivate_steps,
+            "statement": statement,
+        }

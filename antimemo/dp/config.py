@@ -28,6 +28,8 @@ def check_dp_arguments(
     grad_sample_mode: Any,
     secure_mode: Any,
     fix: Any,
+    allow_nonprivate_start: Any = False,
+    reproducible_noise: Any = False,
 ) -> None:
     """Raise a ``ValueError``/``TypeError`` naming the argument, the value and the fix for any bad one.
 
@@ -83,6 +85,16 @@ def check_dp_arguments(
             f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}; 'ew' and 'ghost_fsdp' "
             "need Opacus' module wrapper or FSDP, which this callback does not use"
         )
-    for name, value in (("secure_mode", secure_mode), ("fix", fix)):
+    for name, value in (
+        ("secure_mode", secure_mode),
+        ("fix", fix),
+        ("allow_nonprivate_start", allow_nonprivate_start),
+        ("reproducible_noise", reproducible_noise),
+    ):
         if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
+            raise TypeError(f"{name} must be a bool (True or False), got {value!r} of type {type(value).__name__}")
+    if secure_mode and reproducible_noise:
+        raise ValueError(
+            "secure_mode=True and reproducible_noise=True contradict each other: secure_mode draws the noise and the "
+            "sampling from a cryptographically secure generator that cannot be seeded; pass one of them"
+        )
