@@ -13,7 +13,17 @@ it back with ``json.load``. Keys:
 - ``num_probes``, ``prefix_length``, ``suffix_length``: the probe protocol.
 - ``train_wall_time_s``, ``global_step``, ``epochs``, ``num_parameters``.
 - ``metrics``: every scalar in ``trainer.callback_metrics`` (MIA figures included).
+- ``dp_guarantee``: ``None`` without ``DifferentialPrivacy``; otherwise the callback's
+  :meth:`~antimemo.callbacks.DifferentialPrivacy.guarantee`: ``epsilon``, ``delta``, ``accountant``,
+  ``private_steps``, ``noise_multiplier``, ``max_grad_norm``, ``sample_rate``, ``dataset_size``,
+  ``unit``, ``noise`` / ``reproducible_noise`` (whether anyone with the seed can regenerate the
+  noise), ``nonprivate_start`` / ``nonprivate_steps`` (steps trained without DP before the private
+  start, which epsilon does not cover) and ``statement``. The printed table never shows epsilon
+  without these.
 - ``environment``: Python, torch, lightning, transformers versions, platform, CPU count, threads.
+
+``report.json`` is written atomically (:func:`antimemo._atomic.atomic_write_text`): a failed
+write keeps the previous file.
 
 This module does not import Lightning: it reads the trainer through duck typing.
 """
@@ -28,6 +38,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from antimemo._atomic import atomic_write_text
 
 __all__ = ["REPORT_FILENAME", "build_report", "environment_info", "format_report", "write_report"]
 
@@ -144,6 +156,11 @@ def build_report(
             "suffix_length": getattr(monitor, "suffix_length", None),
         }
 
+    dp_cb = _find_callback(trainer, "DifferentialPrivacy")
+    dp_guarantee = None
+    if dp_cb is not None and callable(getattr(dp_cb, "guarantee", None)):
+        dp_guarantee = dict(dp_cb.guarantee())
+
     module = getattr(trainer, "lightning_module", None)
     num_parameters = sum(p.numel() for p in module.parameters()) if module is not None else None
     val_loss = metrics.get("val_loss")
@@ -162,6 +179,7 @@ def build_report(
         "epochs": int(getattr(trainer, "current_epoch", 0)),
         "num_parameters": num_parameters,
         "metrics": dict(sorted(metrics.items())),
+        "dp_guarantee": dp_guarantee,
         "environment": environment_info(),
     }
     if extra:
@@ -175,6 +193,46 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)
+
+
+def _dp_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The DP guarantee: epsilon never without delta, accountant, steps, noise and non-private steps."""
+    g = report.get("dp_guarantee")
+    if not isinstance(g, Mapping):
+        epsilon = (report.get("metrics") or {}).get("dp/epsilon")
+        if epsilon is None:
+            return []
+        # an old report (or one built without the callback): say what is missing instead of a bare number
+        return [("DP epsilon (dp/epsilon)", f"{_fmt(epsilon, 3)} (no dp_guarantee in this report: delta, steps, "
+                                            "noise secrecy and non-private steps unknown)")]
+    eps, delta = g.get("epsilon"), g.get("delta")
+    if eps is None or delta is None:
+        guarantee = "unknown (no DP step taken or delta not set)"
+    elif isinstance(eps, (int, float)) and math.isinf(eps):
+        guarantee = "none: epsilon = inf (no noise, clipping only)"
+    else:
+        guarantee = f"epsilon={_fmt(float(eps), 3)}, delta={float(delta):.3g} ({g.get('accountant')} accountant)"
+    sigma, c, q = g.get("noise_multiplier"), g.get("max_grad_norm"), g.get("sample_rate")
+    steps = g.get("private_steps")
+    rows = [
+        ("DP guarantee (one example, all models)", guarantee),
+        ("DP private steps", f"{steps} (noise_multiplier={_fmt(sigma, 4) if sigma is not None else 'n/a'}, "
+                             f"max_grad_norm={c}, sample_rate={'n/a' if q is None else f'{float(q):.4g}'})"),
+    ]
+    if g.get("reproducible_noise"):
+        noise = "REPRODUCIBLE from the seed (reproducible_noise=True): no guarantee against anyone who knows it"
+    elif g.get("noise") == "secure":
+        noise = "secret (torchcsprng, secure_mode=True)"
+    else:
+        noise = "secret (seeded from the OS entropy source)"
+    rows.append(("DP noise", noise))
+    nonprivate = int(g.get("nonprivate_steps") or 0)
+    if g.get("nonprivate_start") or nonprivate:
+        rows.append(("DP non-private steps", f"{nonprivate}: WARNING epsilon covers only the {steps} steps after the "
+                                             "private start (allow_nonprivate_start=True)"))
+    else:
+        rows.append(("DP non-private steps", "0"))
+    return rows
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -208,9 +266,7 @@ def format_report(report: Mapping[str, Any]) -> str:
         args = section.get("init_args", {}) if isinstance(section, Mapping) else {}
         shown = {k: v for k, v in args.items() if k in _SECTION_KNOBS and v is not None}
         rows.append((name, ", ".join(f"{k}={v}" for k, v in shown.items()) or "on"))
-    epsilon = (report.get("metrics") or {}).get("dp/epsilon")
-    if epsilon is not None:
-        rows.append(("DP epsilon (dp/epsilon)", _fmt(epsilon, 3)))
+    rows += _dp_rows(report)
     n, p, s = report.get("num_probes"), report.get("prefix_length"), report.get("suffix_length")
     if n is not None:
         rows.append(("probes", f"{n} training sequences, {p}-token prefix -> {s}-token suffix"))
@@ -267,7 +323,10 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write a report as indented JSON (parent directories are created).
+    """Write a report as indented JSON, atomically (parent directories are created).
+
+    The JSON goes to a temporary file in the same directory that replaces ``path`` only when
+    complete (:func:`antimemo._atomic.atomic_write_text`): a failed write keeps the old report.
 
     Args:
         report: the report dict.
@@ -284,5 +343,5 @@ def write_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(dict(report), indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(dict(report), indent=2, sort_keys=False, default=str) + "\n")
     return path
