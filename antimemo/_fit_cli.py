@@ -13,9 +13,176 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from antimemo.sections import CALLBACK_SECTIONS, DEFAULT_DATA_CLASS, DEFAULT_MODEL_CLASS, SECTION_DEFAULTS
+from antimemo.sections import (
+    CALLBACK_SECTIONS,
+    DEFAULT_DATA_CLASS,
+    DEFAULT_MODEL_CLASS,
+    REFUSED_MODULES,
+    SECTION_DEFAULTS,
+    check_import_path,
+)
 
-__all__ = ["build_cli_class", "cli_class", "import_class"]
+__all__ = ["audit_config", "build_cli_class", "cli_class", "describe_error", "import_class", "mark_run_phase"]
+
+#: Attribute set on an exception raised while the verb ran (after parsing and instantiation): the
+#: ``antimemo`` console script prints those with their traceback (a bug or a runtime failure),
+#: and errors raised before it as one line (a configuration error).
+RUN_PHASE_ATTR = "_antimemo_run_phase"
+
+
+def mark_run_phase(err: BaseException) -> BaseException:
+    """Tag ``err`` as raised while the verb ran (not while the config was parsed / built)."""
+    try:
+        setattr(err, RUN_PHASE_ATTR, True)
+    except (AttributeError, TypeError):  # pragma: no cover - exceptions without a __dict__
+        pass
+    return err
+
+
+_NOISE = (
+    "Does not validate against any of the Union subtypes",
+    "Subtypes:",
+    "Errors:",
+    "Given value type:",
+    "Given value:",
+    "Expected a <class 'NoneType'>",
+    "Problem with given class_path",
+)
+
+
+def _value_text(raw: str) -> str | None:
+    import re
+
+    nested = re.fullmatch(r"NestedArg\(key='[^']*', val=(.*)\)", raw)
+    if nested:
+        raw = nested.group(1).strip("'\"")
+    if raw.startswith("Namespace(") or len(raw) > 120:
+        return None
+    return raw
+
+
+def describe_error(err: BaseException) -> str:
+    r"""One line for a configuration error: the argument, what is wrong with it, and the value.
+
+    jsonargparse reports a bad value as a nested block (union subtypes, the class path tried, the
+    given value); a callback's own check (``k must be an integer >= 2``) arrives wrapped in one.
+    This keeps the innermost specific reason, prefixes it with the dotted argument (``--goldfish``,
+    ``--model.lr``) and appends the given value.
+
+    Example:
+        >>> describe_error(ValueError('Parser key "trainer.max_epochs":\n  Errors:\n'
+        ...                           "    - Expected a <class 'int'>\n  Given value: abc"))
+        "--trainer.max_epochs: Expected a <class 'int'> (given: abc)"
+    """
+    import re
+
+    text = str(err).strip() or type(err).__name__
+    lines = [line for line in text.splitlines() if line.strip()]
+    best: tuple[int, int, str] | None = None  # (indent, index, reason)
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if stripped.startswith("- "):
+            stripped = stripped[2:].strip()
+            indent += 2
+        key = re.match(r'Parser key "([^"]+)":\s*(.*)$', stripped)
+        if key:
+            stripped = key.group(2).strip()
+        if not stripped or stripped.startswith(_NOISE) or re.match(r"Expected a path but .* either not accessible", stripped):
+            continue
+        if best is None or indent > best[0]:
+            best = (indent, i, stripped)
+    if best is None:
+        return " ".join(line.strip() for line in lines)
+    indent, index, reason = best
+    # the argument: every 'Parser key' line enclosing the reason (less indented, above it)
+    keys: list[str] = []
+    limit = indent + 1
+    for line in reversed(lines[: index + 1]):
+        stripped = line.strip().removeprefix("- ").strip()
+        depth = len(line) - len(line.lstrip())
+        key = re.match(r'Parser key "([^"]+)":', stripped)
+        if key and depth < limit:
+            keys.insert(0, key.group(1))
+            limit = depth
+    if not keys:
+        # a callback's own check, wrapped by jsonargparse: name the section by its class
+        from antimemo.sections import CALLBACK_SECTIONS
+
+        found = re.search(r"class_path='([\w.]+)'", text)
+        if found:
+            name = found.group(1).rsplit(".", 1)[-1]
+            keys = [s for s, path in CALLBACK_SECTIONS.items() if path.rsplit(".", 1)[-1] == name][:1] or [name]
+    if "import path denylist" in reason:
+        found = re.search(r"Importing '([^']+)'", reason)
+        reason = (
+            f"{found.group(1) if found else 'the import path'} is refused: the standard library and process "
+            "launchers may not be named in a recipe; name a class or function of antimemo, Lightning, torch or "
+            "your own package"
+        )
+    given = None
+    for line in lines[index + 1 :]:
+        found = re.match(r"\s*Given value: (.*)$", line)
+        if found:
+            given = _value_text(found.group(1).strip())
+            break
+    head = f"--{'.'.join(keys)}: " if keys else ""
+    tail = f" (given: {given})" if given is not None and given not in reason else ""
+    return f"{head}{reason}{tail}"
+
+
+def _enforce_import_policy() -> None:
+    """Make jsonargparse refuse, before importing it, any import path a config value names whose
+    top-level module is in :data:`antimemo.sections.REFUSED_MODULES` (``class_path: subprocess.Popen``,
+    ``decode: os.system``). jsonargparse older than 4.40 has no such setting: then only
+    :func:`audit_config` (after parsing, before anything is built) applies."""
+    try:
+        from jsonargparse import set_parsing_settings
+
+        set_parsing_settings(import_path_denylist=sorted(REFUSED_MODULES))
+    except (ImportError, TypeError, ValueError):  # pragma: no cover - older jsonargparse
+        pass
+
+
+def audit_config(config: Any, prefix: str = "") -> None:
+    """Check every import path a parsed config holds before anything is instantiated.
+
+    Every ``class_path`` string and every class or function value (a ``Callable`` argument such
+    as ``monitor.decode``, resolved from a dotted string) must come from a module that
+    :func:`antimemo.sections.check_import_path` accepts.
+
+    Raises:
+        ValueError: naming the config key, the value and the fix.
+
+    Example:
+        >>> import os
+        >>> audit_config({"monitor": {"init_args": {"decode": os.system}}})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: monitor.init_args.decode: '...system' is refused: its module '...' is refused ...
+    """
+    import inspect
+
+    if hasattr(config, "__dict__") and type(config).__name__ == "Namespace":
+        items = list(vars(config).items())
+    elif isinstance(config, dict):
+        items = list(config.items())
+    elif isinstance(config, (list, tuple)):
+        items = [(str(i), v) for i, v in enumerate(config)]
+    else:
+        items = []
+    for key, value in items:
+        key = str(key)
+        if key.startswith("__"):
+            continue
+        where = f"{prefix}.{key}" if prefix else key
+        if key == "class_path" and isinstance(value, str):
+            check_import_path(value, where)
+        elif inspect.isclass(value) or inspect.isroutine(value):
+            module = getattr(value, "__module__", None) or "builtins"
+            check_import_path(f"{module}.{getattr(value, '__name__', 'object')}", where)
+        else:
+            audit_config(value, where)
 
 
 def import_class(path: str) -> type:
@@ -33,6 +200,8 @@ def build_cli_class() -> type:
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
     from antimemo.report import REPORT_FILENAME, build_report, format_report, write_report
+
+    _enforce_import_policy()
 
     class _ValLossTracker(pl.Callback):
         """Remembers the lowest ``val_loss`` seen while fitting (read-only, logs nothing)."""
@@ -105,6 +274,16 @@ def build_cli_class() -> type:
                 default=None,
                 help="Where to write the JSON report after fit (default: <trainer log_dir>/report.json).",
             )
+
+        def before_instantiate_classes(self) -> None:
+            """Refuse any import path of the standard library before a class is built."""
+            audit_config(self.config)
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            try:
+                super()._run_subcommand(subcommand)
+            except BaseException as err:
+                raise mark_run_phase(err)
 
         def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
             """Like ``LightningCLI.instantiate_trainer``, but a ``null`` callback section adds nothing."""

@@ -17,21 +17,45 @@ default) and ``monitor`` (on by default; ``--monitor null`` turns measuring off)
 New verbs are added to :data:`VERBS` (name -> :class:`Verb`); ``main`` dispatches on the first
 argument.
 
+Errors: a configuration error (a bad flag or value, an unknown key, a missing config file, a
+refused class path: ``ValueError`` / ``TypeError`` / ``KeyError`` / ``ImportError`` /
+``FileNotFoundError`` or a parse error raised while the verb reads its arguments and builds its
+objects) prints one line and a hint on stderr and exits with status 2. An exception raised while
+the verb runs (training itself) keeps its traceback. ``--debug`` (before or after the verb) or
+``ANTIMEMO_DEBUG=1`` shows the full traceback of configuration errors too.
+
 Example:
     >>> main(["fit", "--config", "recipes/lm_goldfish.yaml", "--goldfish", "null"])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from antimemo._fit_cli import RUN_PHASE_ATTR, describe_error
 from antimemo._fit_cli import cli_class as _cli_class
 from antimemo.sections import CALLBACK_SECTIONS
 
-__all__ = ["AntimemoCLI", "CALLBACK_SECTIONS", "VERBS", "Verb", "main"]
+__all__ = ["AntimemoCLI", "CALLBACK_SECTIONS", "CONFIG_ERRORS", "DEBUG_ENV", "VERBS", "Verb", "main"]
+
+#: Environment variable that, set to 1, shows the full traceback of configuration errors.
+DEBUG_ENV = "ANTIMEMO_DEBUG"
+#: Exceptions that, raised before a verb runs, are configuration errors (one line, exit 2).
+CONFIG_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, KeyError, ImportError, FileNotFoundError, IsADirectoryError, argparse.ArgumentError,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with a one-line error (plus a hint) instead of the full usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\nhint: '{self.prog} --help' lists the options\n")
 
 
 @dataclass(frozen=True)
@@ -55,7 +79,12 @@ def _lightning_verb(name: str) -> Callable[[list[str]], int]:
         args: list[str] | None = [name, *argv]
         if sys.argv[1:] == args:
             args = None  # the console script: let LightningCLI read sys.argv itself (no double-args warning)
-        _cli_class()(args=args)
+        # parse errors raise (one line in main) instead of printing jsonargparse's usage block
+        no_exit = {"exit_on_error": False}
+        _cli_class()(args=args, parser_kwargs={
+            "description": "antimemo: train with anti-memorization callbacks", **no_exit,
+            **{verb: dict(no_exit) for verb in ("fit", "validate", "test", "predict")},
+        })
         return 0
 
     return run
@@ -68,11 +97,9 @@ def _ablate_verb(argv: list[str]) -> int:
 
 
 def _dedup_verb(argv: list[str]) -> int:
-    import argparse
-
     from antimemo.dedup import cli as dedup_cli
 
-    parser = argparse.ArgumentParser(prog="antimemo dedup", description="build a duplicate index and print its summary")
+    parser = _Parser(prog="antimemo dedup", description="build a duplicate index and print its summary")
     dedup_cli.add_arguments(parser)
     return dedup_cli.run(parser.parse_args(argv))
 
@@ -107,6 +134,8 @@ def _usage() -> str:
         "  antimemo fit --config recipes/lm_goldfish.yaml                 # goldfish k=4, h=13",
         "  antimemo fit --config recipes/lm_goldfish.yaml --goldfish null # standard training",
         "  antimemo fit --config recipes/lm_goldfish.yaml --goldfish.k 8",
+        "",
+        f"--debug (anywhere before a '--') or {DEBUG_ENV}=1 shows the full traceback of an error.",
     ]
     return "\n".join(lines)
 
@@ -118,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (``None``: ``sys.argv[1:]``).
 
     Returns:
-        The exit code (0 on success; 2 for an unknown verb).
+        The exit code (0 on success; 2 for an unknown verb or a configuration error, printed as
+        one line on stderr unless ``--debug`` / ``ANTIMEMO_DEBUG=1``).
 
     Example:
         >>> main(["--help"])  # doctest: +ELLIPSIS
@@ -127,6 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    cut = args.index("--") if "--" in args else len(args)  # after '--': arguments for another program
+    debug = "--debug" in args[:cut] or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes")
+    if "--debug" in args[:cut]:
+        args = [a for a in args[:cut] if a != "--debug"] + args[cut:]
+        if argv is None:
+            sys.argv = [sys.argv[0], *args]  # what LightningCLI reads
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if args else 2
@@ -140,7 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"antimemo: unknown verb {args[0]!r}; choose one of: {', '.join(VERBS)}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
-    return verb.run(args[1:])
+    try:
+        return verb.run(args[1:])
+    except CONFIG_ERRORS as err:
+        if debug or getattr(err, RUN_PHASE_ATTR, False):
+            raise  # a failure while running (or --debug): the full traceback
+        print(f"antimemo {args[0]}: error: {describe_error(err)}", file=sys.stderr)
+        print(f"hint: 'antimemo {args[0]} --help' lists the options; --debug or {DEBUG_ENV}=1 shows the "
+              "full traceback", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
