@@ -1,5 +1,7 @@
 """greedy_generate: batched greedy decoding with a KV cache (antimemo.functional.generation)."""
 
+import logging
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +10,7 @@ import transformers
 
 from _builders import tiny_llama  # tests/ is on sys.path (pytest's rootdir-relative import)
 from antimemo.functional import greedy_generate
+from antimemo.functional.generation import _cache_keyword, greedy_generate_with_logits
 
 VOCAB = 32
 
@@ -23,6 +26,16 @@ def _one_thread():
 
 def _tiny_llama(seed: int) -> transformers.LlamaForCausalLM:
     return tiny_llama(vocab=VOCAB, max_positions=128, seed=seed).eval()
+
+
+def _tiny_gpt2(seed: int) -> transformers.GPT2LMHeadModel:
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+        bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return transformers.GPT2LMHeadModel(config).eval()
 
 
 def _naive_greedy(model, prefixes, suffix_length):
@@ -165,3 +178,88 @@ def test_cache_needed_but_model_has_none():
 
     with pytest.raises(TypeError, match="no `past_key_values`.*use_cache=False"):
         greedy_generate(NoCache(), torch.tensor([[1]]), 2)
+
+
+class _Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+class _CacheMessages:
+    """Every warning (``warnings``) and every ``transformers`` log message emitted inside the
+    block. transformers logs the ``output.past_key_values`` deprecation with ``warning_once`` (an
+    lru_cache per process): the cache is cleared first so an earlier test cannot hide it."""
+
+    def __enter__(self):
+        clear = getattr(logging.Logger.warning_once, "cache_clear", None)
+        if clear is not None:
+            clear()
+        self._catch = warnings.catch_warnings(record=True)
+        self._warnings = self._catch.__enter__()
+        warnings.simplefilter("always")
+        self._handler = _Recorder()
+        logging.getLogger("transformers").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("transformers").removeHandler(self._handler)
+        self._catch.__exit__(*exc)
+
+    def about_the_cache(self):
+        texts = [str(w.message) for w in self._warnings] + self._handler.messages
+        return [t for t in texts if "past_key_values" in t or ("cache" in t and "deprecat" in t)]
+
+
+class _KwargsWrapper(torch.nn.Module):
+    """A wrapper whose forward declares no cache keyword (like DDP or torch.compile)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.module = inner
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("build", [_tiny_llama, _tiny_gpt2], ids=["llama", "gpt2"])
+def test_no_cache_deprecation_and_equal_to_naive_loop(build):
+    model = build(seed=4)
+    pre = torch.randint(0, VOCAB, (5, 6), generator=torch.Generator().manual_seed(4))
+    expected = _naive_greedy(model, pre, 7)
+    assert len(set(expected.flatten().tolist())) > 2  # not one constant token
+    # the recorder does see the deprecation when the cache is passed the pre-5.x way
+    with _CacheMessages() as old_way:
+        out = model(input_ids=pre, use_cache=True)
+        model(input_ids=pre[:, :1], past_key_values=out.cache, use_cache=True)
+    assert old_way.about_the_cache(), "this transformers no longer deprecates past_key_values="
+    with _CacheMessages() as recorded:
+        got = greedy_generate(model, pre, 7, batch_size=2)
+        wrapped = greedy_generate(_KwargsWrapper(model), pre, 7, batch_size=3)
+        for start, generated, _ in greedy_generate_with_logits(model, torch.cat(
+                [pre, expected], dim=1), prefix_length=6, batch_size=4):
+            assert torch.equal(generated, expected[start : start + len(generated)])
+    assert recorded.about_the_cache() == []
+    assert torch.equal(got, expected) and torch.equal(wrapped, expected)
+
+
+def test_cache_keyword_follows_the_forward_signature(llama):
+    assert _cache_keyword(llama) == "cache"  # transformers 5.x: past_key_values is deprecated
+    assert _cache_keyword(_KwargsWrapper(_KwargsWrapper(llama))) == "cache"
+    assert _cache_keyword(SuccessorLM()) == "past_key_values"  # hand-written, old keyword
+    assert _cache_keyword(_KwargsWrapper(torch.nn.Identity())) == "past_key_values"
+
+
+def test_hand_written_model_with_a_cache_keyword_gets_cache():
+    class CacheLM(SuccessorLM):
+        def forward(self, input_ids, cache=None, use_cache=False):
+            out = super().forward(input_ids, past_key_values=cache, use_cache=use_cache)
+            return SimpleNamespace(logits=out.logits, cache=out.past_key_values)
+
+    model = CacheLM(vocab=5)
+    out = greedy_generate(model, torch.tensor([[1, 2]]), suffix_length=3)
+    assert out.tolist() == [[3, 4, 0]]
+    assert model.calls == [((1, 2), None), ((1, 1), 2), ((1, 1), 3)]

@@ -6,12 +6,20 @@ produces exactly ``suffix_length`` tokens per prefix: it never stops at an end-o
 never samples and never pads, so every probe is scored on the same number of positions.
 
 This module imports only torch: it works with any causal LM whose forward takes ``input_ids`` and
-returns logits, HF-style (``output.logits``; with ``use_cache=True`` also
-``output.past_key_values``), or a plain logits tensor when ``use_cache=False``.
+returns logits, HF-style (``output.logits``; with ``use_cache=True`` also the KV cache as
+``output.cache`` or ``output.past_key_values``), or a plain logits tensor when ``use_cache=False``.
+
+The KV cache goes back to the model under the keyword its ``forward`` declares: ``cache`` when it
+has that parameter (``transformers`` 5.x renamed ``past_key_values`` to ``cache`` and warns, with a
+``FutureWarning``, that the old keyword is removed in 5.40), else ``past_key_values`` (older
+``transformers``, hand-written models). The cache object is whatever the model returned from the
+prefill call (a ``transformers`` ``Cache`` such as ``DynamicCache`` for every ``transformers`` 5.x
+causal LM): it is passed back as is and never converted to or from the legacy tuple form.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,12 +41,38 @@ def _model_device(model: torch.nn.Module, fallback: torch.device) -> torch.devic
     return fallback
 
 
-def _logits_of(output: Any, use_cache: bool) -> torch.Tensor:
+_CACHE_KEYWORDS = ("cache", "past_key_values")
+_WRAPPED_MODULES = ("_orig_mod", "module", "_module")  # torch.compile, DDP, opacus GradSampleModule
+
+
+def _cache_keyword(model: Any, depth: int = 0) -> str:
+    """The keyword under which ``model``'s forward takes the KV cache: ``"cache"`` where declared
+    (``transformers`` >= 5.x, whose ``past_key_values`` is a deprecated alias), else
+    ``"past_key_values"``. A wrapper whose forward declares neither (``forward(*args, **kwargs)``:
+    ``torch.compile``, DDP, opacus) is looked through to the module it wraps."""
+    forward = getattr(model, "forward", None)
+    try:
+        parameters = inspect.signature(forward if callable(forward) else model).parameters
+    except (TypeError, ValueError):  # builtins and C extensions without a signature
+        parameters = {}
+    for keyword in _CACHE_KEYWORDS:
+        if keyword in parameters:
+            return keyword
+    if depth < 4:
+        for name in _WRAPPED_MODULES:
+            inner = getattr(model, name, None)
+            if isinstance(inner, torch.nn.Module) and inner is not model:
+                return _cache_keyword(inner, depth + 1)
+    return "past_key_values"
+
+
+def _logits_of(output: Any, use_cache: bool, caller: str = "greedy_generate") -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         if use_cache:
             raise TypeError(
-                "greedy_generate(use_cache=True) needs a model whose forward returns an object "
-                "with `.logits` and `.past_key_values` (e.g. a transformers causal LM), but it "
+                f"{caller}(use_cache=True) needs a model whose forward returns an object "
+                "with `.logits` and `.cache` or `.past_key_values` (e.g. a transformers causal "
+                "LM), but it "
                 "returned a plain tensor; pass use_cache=False to re-run the full sequence at "
                 "every step instead"
             )
@@ -51,7 +85,7 @@ def _logits_of(output: Any, use_cache: bool) -> torch.Tensor:
         if isinstance(logits, torch.Tensor):
             shape = f" with logits of shape {tuple(logits.shape)}"
         raise TypeError(
-            "greedy_generate expects model(input_ids=...) to return logits of shape "
+            f"{caller} expects model(input_ids=...) to return logits of shape "
             "[batch, length, vocab] (a tensor or an object with `.logits`), got "
             f"{type(output).__name__}{shape}"
         )
@@ -70,7 +104,8 @@ def greedy_generate(
 
     The prefixes are processed in chunks of ``batch_size`` rows. For each chunk the model reads the
     whole prefix once (``model(input_ids=prefix, use_cache=True)``), then feeds back one argmax
-    token at a time together with ``past_key_values`` (the KV cache). No token ends generation
+    token at a time together with the KV cache (``cache=`` or ``past_key_values=``, see the module
+    docstring). No token ends generation
     early (there is no EOS handling), there is no sampling and no padding (all prefixes have the
     same length), so the result is what a naive loop that re-runs the full sequence and appends
     ``argmax(logits[:, -1])`` produces (tested token for token), at a fraction of the cost.
@@ -86,8 +121,10 @@ def greedy_generate(
 
     Args:
         model: A causal LM. With ``use_cache=True`` (default) ``model(input_ids=...,
-            past_key_values=..., use_cache=True)`` must return an object with ``.logits``
-            ``[B, T, V]`` and ``.past_key_values``, as every ``transformers`` ``*ForCausalLM`` does.
+            cache=..., use_cache=True)`` (or ``past_key_values=...`` when its forward has no
+            ``cache`` parameter) must return an object with ``.logits`` ``[B, T, V]`` and the
+            cache as ``.cache`` or ``.past_key_values``, as every ``transformers``
+            ``*ForCausalLM`` does.
             With ``use_cache=False`` only ``model(input_ids=...)`` is called, and it may return the
             logits tensor itself.
         prefixes: Integer tensor ``[N, P]`` of token ids, ``P >= 1`` (a 1-D tensor is rejected:
@@ -96,7 +133,7 @@ def greedy_generate(
         batch_size: Number of prefixes decoded together, ``>= 1``. Only memory and speed depend
             on it (up to floating-point near-ties between the top two logits).
         use_cache: Reuse the KV cache between steps (fast). ``False`` re-runs the whole sequence
-            at every step, for models that do not support ``past_key_values``.
+            at every step, for models without a KV cache.
 
     Returns:
         LongTensor ``[N, suffix_length]`` of generated token ids, on the model's device.
@@ -163,31 +200,51 @@ def _decode_cached(model: Any, chunk: torch.Tensor, suffix_length: int) -> torch
     output = model(input_ids=chunk, use_cache=True)
     logits = _logits_of(output, use_cache=True)
     past = _past_of(output)
-    return _decode_steps(model, past, logits[:, -1, :].argmax(dim=-1), suffix_length)
+    return _decode_steps(
+        model, past, logits[:, -1, :].argmax(dim=-1), suffix_length, _cache_keyword(model)
+    )
 
 
-def _past_of(output: Any) -> Any:
-    past = getattr(output, "past_key_values", None)
+def _past_of(output: Any, caller: str = "greedy_generate") -> Any:
+    """The KV cache of a model output: ``output.cache`` (``transformers`` 5.x, where reading
+    ``output.past_key_values`` logs a deprecation) or, for outputs without that attribute,
+    ``output.past_key_values``."""
+    if hasattr(output, "cache"):
+        past = output.cache
+    else:
+        past = getattr(output, "past_key_values", None)
     if past is None:
         raise TypeError(
-            "greedy_generate(use_cache=True) got no `past_key_values` from the model's output "
-            f"({type(output).__name__}); pass use_cache=False for models without a KV cache"
+            f"{caller}(use_cache=True) got no `past_key_values` (or `cache`) from the model's "
+            f"output ({type(output).__name__}); pass use_cache=False for models without a KV cache"
         )
     return past
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
 def _decode_steps(
-    model: Any, past: Any, next_token: torch.Tensor, suffix_length: int
+    model: Any,
+    past: Any,
+    next_token: torch.Tensor,
+    suffix_length: int,
+    keyword: str,
+    pick: Any = _argmax,
+    caller: str = "greedy_generate",
 ) -> torch.Tensor:
-    """Greedy tokens ``[B, suffix_length]``: ``next_token`` first, then one cached step each."""
+    """Tokens ``[B, suffix_length]``: ``next_token`` first, then one cached step each, whose next
+    token is ``pick(last_logits)`` (argmax by default). ``keyword`` is the forward's cache
+    argument (:func:`_cache_keyword`)."""
     tokens = torch.empty(
         (next_token.shape[0], suffix_length), dtype=torch.long, device=next_token.device
     )
     tokens[:, 0] = next_token
     for step in range(1, suffix_length):
-        output = model(input_ids=next_token[:, None], past_key_values=past, use_cache=True)
-        past = output.past_key_values
-        next_token = _logits_of(output, use_cache=True)[:, -1, :].argmax(dim=-1)
+        output = model(input_ids=next_token[:, None], use_cache=True, **{keyword: past})
+        past = _past_of(output, caller)
+        next_token = pick(_logits_of(output, use_cache=True, caller=caller)[:, -1, :])
         tokens[:, step] = next_token
     return tokens
 
@@ -206,14 +263,14 @@ def greedy_generate_with_logits(
     give the first greedy token), then the true suffix on top of that cache in a single call
     (teacher forcing: the logits of the whole sequence, as one forward over it would give, up
     to floating-point rounding), then crops the cache back to the prefix
-    (``past_key_values.crop(-suffix_length)``) and decodes the remaining greedy tokens one by
+    (``cache.crop(-suffix_length)``) and decodes the remaining greedy tokens one by
     one. Compared with :func:`greedy_generate` plus a separate forward over the sequences, the
     prefix is run once instead of twice. Models whose cache has no ``crop`` (not a
     ``transformers`` ``Cache``) get a separate full forward instead; results are the same.
 
     Args:
-        model: A causal LM taking ``input_ids``, ``past_key_values`` and ``use_cache``, as for
-            :func:`greedy_generate` with ``use_cache=True``.
+        model: A causal LM taking ``input_ids``, ``cache`` (or ``past_key_values``) and
+            ``use_cache``, as for :func:`greedy_generate` with ``use_cache=True``.
         sequences: Integer tensor ``[N, L]``; ``L - prefix_length`` tokens are generated.
         prefix_length: Context tokens, ``1 <= prefix_length < L``.
         batch_size: Rows per chunk.
@@ -268,14 +325,15 @@ def _prefill_score_decode(
     prefix_logits = _logits_of(output, use_cache=True)
     past = _past_of(output)
     first = prefix_logits[:, -1, :].argmax(dim=-1)
+    keyword = _cache_keyword(model)
     if callable(getattr(past, "crop", None)):
-        output = model(input_ids=chunk[:, prefix_length:], past_key_values=past, use_cache=True)
+        output = model(input_ids=chunk[:, prefix_length:], use_cache=True, **{keyword: past})
         logits = torch.cat([prefix_logits, _logits_of(output, use_cache=True)], dim=1)
-        past = output.past_key_values
+        past = _past_of(output)
         past.crop(-suffix_length)  # back to the prefix (negative = number of tokens removed)
     else:
         logits = _logits_of(model(input_ids=chunk), use_cache=False)
-    return _decode_steps(model, past, first, suffix_length), logits
+    return _decode_steps(model, past, first, suffix_length, keyword), logits
 
 
 def _decode_uncached(model: Any, chunk: torch.Tensor, suffix_length: int) -> torch.Tensor:
