@@ -65,9 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with a one-line error (plus a hint) instead of the full usage block; exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\nhint: '{self.prog} --help' lists the options\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``antimemo ablate`` argument parser."""
-    parser = argparse.ArgumentParser(
+    """The ``antimemo ablate`` argument parser (errors: one line on stderr, exit status 2)."""
+    parser = _Parser(
         prog="antimemo ablate",
         description="Train every grid cell x seed as its own 'antimemo fit' run (resumable), then write "
                     "results.csv, summary.md and pareto.png. Arguments after '--' go to every run.",
@@ -140,7 +147,9 @@ def run(
         sections: callback sections (default ``antimemo.sections.CALLBACK_SECTIONS``).
 
     Returns:
-        0 when every run finished; 1 when some failed; 2 for a bad grid; 130 when interrupted.
+        0 when every run finished; 1 when some failed or are still being trained by another
+        process (their ``run.lock``); 2 for a bad grid or other bad argument; 130 when
+        interrupted.
     """
     from antimemo.ablate.grid import parse_grid
     from antimemo.ablate.runner import execute, plan_runs, write_manifest
@@ -154,13 +163,21 @@ def run(
             return 2
         try:
             merge_ablations(out, args.merge)
-        except (ValueError, FileNotFoundError) as err:
+        except (ValueError, FileNotFoundError, IsADirectoryError) as err:
             print(f"antimemo ablate: {err}", file=sys.stderr)
             return 2
         report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
         return 0
+    if out.exists() and not out.is_dir():
+        print(f"antimemo ablate: --out {str(out)!r} is a file; give a directory for the ablation (it is created)",
+              file=sys.stderr)
+        return 2
     if args.report_only:
-        report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
+        try:
+            report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"antimemo ablate: --report_only --out {str(out)!r}: {err}", file=sys.stderr)
+            return 2
         return 0
     if not args.config:
         print("antimemo ablate: --config is required (the recipe to sweep), e.g. --config recipes/lm_goldfish.yaml",
@@ -204,10 +221,11 @@ def run(
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    print(f"antimemo ablate: {outcome.finished} finished, {outcome.skipped} already done, {len(outcome.failed)} failed",
-          flush=True)
+    busy = f", {len(outcome.busy)} still being trained by another process" if outcome.busy else ""
+    print(f"antimemo ablate: {outcome.finished} finished, {outcome.skipped} already done, {len(outcome.failed)} failed"
+          f"{busy}", flush=True)
     report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
-    return 1 if outcome.failed else 0
+    return 1 if outcome.failed or outcome.busy else 0
 
 
 def _main_thread() -> bool:

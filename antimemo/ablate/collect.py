@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from antimemo._atomic import atomic_open
 from antimemo.ablate.runner import FAILED, Run, load_manifest
 
 __all__ = ["RESULTS_CSV", "collect", "read_csv", "row_from_report", "write_csv"]
@@ -152,7 +153,7 @@ def _columns(rows: Sequence[Mapping[str, Any]]) -> list[str]:
 
 
 def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
-    """Write rows as CSV (columns in a stable order; missing values empty).
+    """Write rows as CSV (columns in a stable order; missing values empty), atomically.
 
     Example:
         >>> import tempfile
@@ -163,7 +164,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str]) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = _columns(rows)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
+    with atomic_open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for row in rows:

@@ -369,7 +369,7 @@ def validate_grid(
             except Exception as err:  # noqa: BLE001 - re-raised with context
                 raise ValueError(f"--grid {axis.key}={value}: rejected by the config parser: {_short(err)}") from err
             if is_section and value != NONE:
-                _check_constructs(axis.key, value, section, parsed)
+                _check_constructs(axis.key, value, section, parsed, sections)
     return base
 
 
@@ -393,16 +393,33 @@ def _known_args(config: Any, section: str, sections: Mapping[str, str]) -> list[
     return []
 
 
-def _check_constructs(key: str, value: str, section: str, parsed: Any) -> None:
-    """Build the section's callback from the parsed arguments, so that its own checks run."""
+def _check_constructs(key: str, value: str, section: str, parsed: Any, sections: Mapping[str, str] | None = None) -> None:
+    """Build the section's callback from the parsed arguments, so that its own checks run.
+
+    The class is checked before it is built: its path must pass
+    :func:`antimemo.sections.check_import_path` (checked before the import) and, when the
+    section's own class is known, it must be a subclass of it.
+    """
     from importlib import import_module
+
+    from antimemo.sections import check_import_path
 
     class_path = _get(parsed, f"{section}.class_path")
     init = _get(parsed, f"{section}.init_args")
     if class_path is None:
         return
+    check_import_path(str(class_path), f"--grid {key}={value}: {section}.class_path")
     module, _, name = str(class_path).rpartition(".")
     cls = getattr(import_module(module), name)
+    expected = (sections or {}).get(section)
+    if expected is not None:
+        base_module, _, base_name = expected.rpartition(".")
+        base = getattr(import_module(base_module), base_name)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            raise ValueError(
+                f"--grid {key}={value}: {section}.class_path {class_path!r} is not a subclass of {expected}; "
+                f"name {expected} or a subclass of it"
+            )
     kwargs = dict(vars(init)) if init is not None and hasattr(init, "__dict__") else dict(init or {})
     try:
         cls(**kwargs)

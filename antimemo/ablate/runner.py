@@ -6,11 +6,22 @@ Layout of the output directory ``OUT``::
     OUT/runs/<cell-id>/seed<S>/report.json the run's report (written only when the run succeeded)
     OUT/runs/<cell-id>/seed<S>/run.log     the run's stdout and stderr
     OUT/runs/<cell-id>/seed<S>/failed.json exit code and log tail of a failed attempt
+    OUT/runs/<cell-id>/seed<S>/run.lock    while a child trains it: the child's pid and start time
 
 A run is *finished* when its ``report.json`` exists and parses. The child writes its report to
 ``report.partial.json`` and the runner renames it to ``report.json`` after the child exited with
 status 0, so a crash or Ctrl-C never leaves a half-written report: rerunning the same command
 skips the finished runs and runs the rest (failed runs are retried).
+
+Children die with the runner: each child leads its own process group (Ctrl-C and SIGTERM stop the
+whole group) and, on Linux, is started through a tiny launcher that sets
+``prctl(PR_SET_PDEATHSIG, SIGKILL)`` before ``exec``-ing the training command, so that a runner
+killed with SIGKILL takes its children with it (a SIGKILL cannot be caught, so nothing else would
+stop them). The launcher replaces ``subprocess``'s ``preexec_fn``, which is unsafe when the parent
+has threads. A rerun that finds a run's ``run.lock`` held by a live process (same pid *and* the
+same start time in ``/proc``, so a reused pid does not count) does not start that run a second time.
+
+The manifest, ``failed.json`` and the lock are written atomically (:mod:`antimemo._atomic`).
 
 This module does not import Lightning (the children do).
 """
@@ -28,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from antimemo._atomic import atomic_write_text
 from antimemo.ablate.grid import (
     NONE,
     GridAxis,
@@ -41,6 +53,7 @@ from antimemo.ablate.grid import (
 )
 
 __all__ = [
+    "LOCK",
     "MANIFEST",
     "PARTIAL_REPORT",
     "REPORT",
@@ -49,6 +62,7 @@ __all__ = [
     "default_command",
     "execute",
     "is_finished",
+    "live_lock",
     "load_manifest",
     "plan_runs",
     "write_manifest",
@@ -62,6 +76,8 @@ REPORT = "report.json"
 PARTIAL_REPORT = "report.partial.json"
 LOG = "run.log"
 FAILED = "failed.json"
+#: Held while a child trains the run (``{"pid", "start_time", "runner_pid", ...}``).
+LOCK = "run.lock"
 
 
 @dataclass
@@ -101,6 +117,8 @@ class RunOutcome:
     finished: int = 0
     skipped: int = 0
     failed: list[Run] = field(default_factory=list)
+    #: runs not started because a live process (another ``antimemo ablate``) holds their lock
+    busy: list[Run] = field(default_factory=list)
 
 
 def default_command() -> list[str]:
@@ -214,24 +232,56 @@ def write_manifest(out: str | os.PathLike[str], runs: Sequence[Run], **info: Any
     path = Path(out) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {**info, "runs": [r.to_json() for r in runs]}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def load_manifest(out: str | os.PathLike[str]) -> tuple[dict[str, Any], list[Run]]:
     """Read ``OUT/ablation.json``: ``(info, runs)``.
 
+    The manifest is data only: nothing in it is imported, called or executed (a rerun plans its
+    runs from the command line, not from here); every field is type-checked.
+
     Raises:
         FileNotFoundError: no ablation in ``out``.
+        ValueError: the file is not a valid manifest (naming the file, the field and the fix).
     """
     path = Path(out) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"no {MANIFEST} in {str(out)!r}; run 'antimemo ablate --config ... --out {out}' first")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    runs = [Run.from_json(r) for r in data.pop("runs")]
+    fix = f"rerun 'antimemo ablate --config ... --out {out}' to rewrite it"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise ValueError(f"{str(path)!r} is not an ablation manifest (no 'runs' list); {fix}")
+    runs = []
+    for i, item in enumerate(data.pop("runs")):
+        problem = _run_problem(item)
+        if problem:
+            raise ValueError(f"{str(path)!r}: runs[{i}]: {problem}; {fix}")
+        runs.append(Run.from_json(item))
+    grid = data.get("grid", [])
+    if not isinstance(grid, list) or not all(
+        isinstance(a, (list, tuple)) and len(a) == 2 and isinstance(a[0], str) and isinstance(a[1], list) for a in grid
+    ):
+        raise ValueError(f"{str(path)!r}: 'grid' must be a list of [key, [values...]] pairs, got {grid!r}; {fix}")
     return data, runs
+
+
+def _run_problem(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return f"expected an object, got {type(item).__name__}"
+    for key, kind in (("cell", str), ("dir", str), ("assignment", dict), ("args", list)):
+        if not isinstance(item.get(key), kind):
+            return f"{key!r} must be a {kind.__name__}, got {item.get(key)!r}"
+    if isinstance(item.get("seed"), bool) or not isinstance(item.get("seed"), int):
+        return f"'seed' must be an integer, got {item.get('seed')!r}"
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in item["assignment"].items()):
+        return f"'assignment' must map grid keys to string values, got {item['assignment']!r}"
+    if not all(isinstance(a, str) for a in item["args"]):
+        return f"'args' must be a list of strings, got {item['args']!r}"
+    return None
 
 
 def is_finished(run: Run) -> bool:
@@ -259,6 +309,99 @@ def _tail(path: Path, n: int = 20) -> str:
         return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-n:])
     except OSError:
         return ""
+
+
+# ------------------------------------------------------------------ children and their locks
+
+#: Run as ``python -c _LAUNCHER RUNNER_PID COMMAND...``: ask the kernel to SIGKILL this process when
+#: the runner dies, then become the training command (the pid stays the same).
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit('antimemo ablate: the runner exited before this run started')\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _launch_prefix() -> list[str]:
+    """The launcher that ties a child's life to the runner's (Linux only; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    return [sys.executable, "-c", _LAUNCHER, str(os.getpid())]
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (``/proc/<pid>/stat`` field 22), ``None`` when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _alive(pid: Any, start_time: Any = None) -> bool:
+    """True when ``pid`` runs and, where ``/proc`` tells, is the process that started at ``start_time``."""
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: it exists
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (OSError, IndexError):
+        state = None
+    if state in ("Z", "X"):  # a zombie is not running
+        return False
+    if start_time is not None:
+        now = _start_time(pid)
+        if now is not None and now != str(start_time):
+            return False  # the pid was reused by another process
+    return True
+
+
+def live_lock(run_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The lock of a run that a live process holds (``None`` when free or stale).
+
+    The lock names the training child (``pid``, ``start_time``) and the runner that started it
+    (``runner_pid``, ``runner_start_time``); before the child exists only the runner is named.
+    """
+    path = Path(run_dir) / LOCK
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict):
+        return None
+    if info.get("pid") is not None:
+        return info if _alive(info.get("pid"), info.get("start_time")) else None
+    return info if _alive(info.get("runner_pid"), info.get("runner_start_time")) else None
+
+
+def _acquire_lock(run_dir: Path) -> dict[str, Any] | None:
+    """Take the run's lock for this runner; returns the live holder's lock instead when busy."""
+    path = run_dir / LOCK
+    mine = {"runner_pid": os.getpid(), "runner_start_time": _start_time(os.getpid()), "pid": None}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = live_lock(run_dir)
+            if holder is not None:
+                return holder
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(mine) + "\n")
+        return None
+    return live_lock(run_dir)  # pragma: no cover - lost a race twice
 
 
 def _kill(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
@@ -289,7 +432,10 @@ def execute(
 
     Each child is ``command + run.args`` (default ``python -m antimemo.cli fit ...``), started
     in its own process group with its stdout and stderr appended to ``<run dir>/run.log`` and
-    ``OMP_NUM_THREADS=threads``. On success (exit status 0 and a report written) the report is
+    ``OMP_NUM_THREADS=threads``; on Linux the kernel kills it if this process dies (even by
+    SIGKILL). While it trains, ``<run dir>/run.lock`` holds its pid and start time: a run whose
+    lock a live process holds (another ``antimemo ablate`` on the same ``OUT``, or a child that
+    outlived a killed runner) is not started again but listed in ``RunOutcome.busy``. On success (exit status 0 and a report written) the report is
     renamed to ``report.json``; otherwise ``failed.json`` records the exit status and the log's
     tail, and the run is retried next time.
 
@@ -336,21 +482,46 @@ def execute(
         bar = tqdm(total=len(runs), initial=outcome.skipped, desc="ablate", unit="run", dynamic_ncols=True)
     active: list[tuple[subprocess.Popen[Any], Run, Any]] = []
 
+    launcher = _launch_prefix()
+
     def start(run: Run) -> None:
         run.dir.mkdir(parents=True, exist_ok=True)
+        holder = _acquire_lock(run.dir)
+        if holder is not None:
+            pid = holder.get("pid") or holder.get("runner_pid")
+            outcome.busy.append(run)
+            message = (
+                f"ablate: run {run.cell}/seed{run.seed} is still being trained by process {pid} "
+                f"(lock {run.dir / LOCK}); not starting it twice. Wait for it to finish, or stop it "
+                f"(kill {pid}), then rerun the same command"
+            )
+            (bar.write(message) if bar is not None else print(message, file=sys.stderr))
+            if bar is not None:
+                bar.update(1)
+            return
         for stale in (run.dir / PARTIAL_REPORT, run.dir / FAILED):
             stale.unlink(missing_ok=True)
         log = open(run.dir / LOG, "a", encoding="utf-8")  # noqa: SIM115 - closed in finish()
         log.write(f"\n$ {' '.join(command + run.args)}\n")
         log.flush()
-        proc = subprocess.Popen(
-            command + run.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                launcher + command + run.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,
+            )
+        except BaseException:
+            log.close()
+            (run.dir / LOCK).unlink(missing_ok=True)
+            raise
+        atomic_write_text(run.dir / LOCK, json.dumps({
+            "pid": proc.pid, "start_time": _start_time(proc.pid), "runner_pid": os.getpid(),
+            "runner_start_time": _start_time(os.getpid()), "command": command + run.args,
+        }) + "\n")
         active.append((proc, run, log))
 
     def finish(proc: subprocess.Popen[Any], run: Run, log: Any) -> None:
         log.close()
+        (run.dir / LOCK).unlink(missing_ok=True)
         partial = run.dir / PARTIAL_REPORT
         ok = proc.returncode == 0 and partial.is_file()
         if ok:
@@ -363,9 +534,9 @@ def execute(
             outcome.finished += 1
         else:
             reason = f"exit status {proc.returncode}" if proc.returncode != 0 else f"no valid {PARTIAL_REPORT} written"
-            (run.dir / FAILED).write_text(
+            atomic_write_text(
+                run.dir / FAILED,
                 json.dumps({"returncode": proc.returncode, "reason": reason, "log_tail": _tail(run.dir / LOG)}, indent=2) + "\n",
-                encoding="utf-8",
             )
             outcome.failed.append(run)
             message = f"ablate: run {run.cell}/seed{run.seed} failed ({reason}); log: {run.dir / LOG}"
@@ -388,9 +559,10 @@ def execute(
                     finish(proc, run, log)
             active[:] = still
     except BaseException:
-        for proc, _, log in active:
+        for proc, run, log in active:
             _kill(proc)
             log.close()
+            (run.dir / LOCK).unlink(missing_ok=True)
         active.clear()
         raise
     finally:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from antimemo._atomic import atomic_write_text
+
 __all__ = [
     "DEFAULT_BUDGETS",
     "SUMMARY_MD",
@@ -234,7 +236,7 @@ def render_summary(
 
 
 def write_summary(text: str, path: str | os.PathLike[str]) -> Path:
-    """Write the Markdown summary.
+    """Write the Markdown summary (atomically: a reader never sees half a file).
 
     Example:
         >>> import tempfile
@@ -243,5 +245,4 @@ def write_summary(text: str, path: str | os.PathLike[str]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
+    return atomic_write_text(path, text)
