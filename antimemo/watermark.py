@@ -389,5 +389,5 @@ def detect_watermark(
     g = green.sum(1).to(torch.float64)
     sd = torch.sqrt(n * gamma * (1.0 - gamma))
     z = torch.where(n > 0, (g - gamma * n) / sd.clamp_min(1e-300), torch.zeros_like(n))
-    p = 0.5 * torch.special.erfc(z / math.sqrt(2.0))
+    p = torch.where(n > 0, 0.5 * torch.special.erfc(z / math.sqrt(2.0)), torch.ones_like(n))
     return z, p.clamp(0.0, 1.0)

@@ -35,6 +35,7 @@ LOWER = (
     "antimemo._pixels",
     "antimemo.probes",
     "antimemo._atomic",
+    "antimemo.watermark",
 )
 LIGHTNING = ("lightning", "pytorch_lightning")
 UPPER = ("antimemo.callbacks", "antimemo.cli", "antimemo.ablate")

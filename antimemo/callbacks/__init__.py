@@ -16,6 +16,7 @@ from antimemo.callbacks.regularizers import (
 )
 from antimemo.callbacks.replica_monitor import ReplicaMonitor
 from antimemo.callbacks.replica_penalty import ReplicaPenalty
+from antimemo.callbacks.watermark_filter import WatermarkFilter
 
 __all__ = [
     "GOLDFISH_PRETRAINING_PRESET",
@@ -33,5 +34,6 @@ __all__ = [
     "LabelRandomization",
     "ReplicaMonitor",
     "ReplicaPenalty",
+    "WatermarkFilter",
     "spectral_norm_weights",
 ]
