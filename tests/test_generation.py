@@ -1,4 +1,5 @@
-"""greedy_generate: batched greedy decoding with a KV cache (antimemo.functional.generation)."""
+"""greedy_generate and sample_generate: batched decoding with a KV cache
+(antimemo.functional.generation)."""
 
 import logging
 import warnings
@@ -9,8 +10,12 @@ import torch
 import transformers
 
 from _builders import tiny_llama  # tests/ is on sys.path (pytest's rootdir-relative import)
-from antimemo.functional import greedy_generate
-from antimemo.functional.generation import _cache_keyword, greedy_generate_with_logits
+from antimemo.functional import greedy_generate, sample_generate
+from antimemo.functional.generation import (
+    _cache_keyword,
+    _sampling_probs,
+    greedy_generate_with_logits,
+)
 
 VOCAB = 32
 
@@ -263,3 +268,193 @@ def test_hand_written_model_with_a_cache_keyword_gets_cache():
     out = greedy_generate(model, torch.tensor([[1, 2]]), suffix_length=3)
     assert out.tolist() == [[3, 4, 0]]
     assert model.calls == [((1, 2), None), ((1, 1), 2), ((1, 1), 3)]
+
+
+
+# ------------------------------------------------------------------------------ sample_generate
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_sample_is_deterministic_with_a_seeded_generator(llama, prefixes):
+    kwargs = {"temperature": 1.3, "top_k": 20, "top_p": 0.95, "batch_size": 3}
+    a = sample_generate(llama, prefixes, 9, generator=_seeded(5), **kwargs)
+    b = sample_generate(llama, prefixes, 9, generator=_seeded(5), **kwargs)
+    c = sample_generate(llama, prefixes, 9, generator=_seeded(6), **kwargs)
+    assert a.shape == (7, 9) and a.dtype == torch.long
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)  # the seed matters: 63 draws from ~20 tokens
+    assert not torch.equal(a, greedy_generate(llama, prefixes, 9))  # it does sample
+    assert int(a.min()) >= 0 and int(a.max()) < VOCAB
+
+
+def test_sample_leaves_the_global_rng_alone(llama, prefixes):
+    torch.manual_seed(11)
+    before = torch.get_rng_state()
+    sample_generate(llama, prefixes, 4, generator=_seeded(0))
+    assert torch.equal(torch.get_rng_state(), before)
+    # without a generator the global RNG is what draws (and it advances)
+    sample_generate(llama, prefixes, 4)
+    assert not torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(11)
+    x = sample_generate(llama, prefixes, 4)
+    torch.manual_seed(11)
+    assert torch.equal(sample_generate(llama, prefixes, 4), x)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+def test_top_k_1_is_greedy(llama, prefixes, temperature):
+    greedy = greedy_generate(llama, prefixes, 8, batch_size=3)
+    for use_cache in (True, False):
+        sampled = sample_generate(
+            llama, prefixes, 8, temperature=temperature, top_k=1, batch_size=4,
+            generator=_seeded(1), use_cache=use_cache,
+        )
+        assert torch.equal(sampled, greedy)
+
+
+def test_sample_cached_equals_uncached_and_gpt2_works():
+    for model in (_tiny_llama(seed=2), _tiny_gpt2(seed=2)):
+        pre = torch.randint(0, VOCAB, (5, 3), generator=_seeded(2))
+        with _CacheMessages() as recorded:
+            cached = sample_generate(model, pre, 6, top_p=0.9, batch_size=2, generator=_seeded(3))
+        uncached = sample_generate(
+            model, pre, 6, top_p=0.9, batch_size=2, generator=_seeded(3), use_cache=False
+        )
+        assert recorded.about_the_cache() == []
+        assert torch.equal(cached, uncached)
+
+
+def test_bos_only_prompt_and_shapes(llama):
+    bos = torch.full((10, 1), llama.config.bos_token_id)
+    out = sample_generate(llama, bos, 1, batch_size=4, generator=_seeded(0))
+    assert out.shape == (10, 1)
+    assert sample_generate(llama, bos[:0], 3).shape == (0, 3)
+    assert sample_generate(llama, bos.int(), 2, generator=_seeded(0)).dtype == torch.long
+
+
+def test_sample_puts_the_model_in_eval_and_restores_every_mode(prefixes):
+    model = _tiny_llama(seed=0)
+    model.train()
+    model.model.layers[0].eval()  # a mixed state must come back as it was
+    modes = {name: m.training for name, m in model.named_modules()}
+    seen = []
+    hook = model.register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    try:
+        out = sample_generate(model, prefixes[:2], 3, generator=_seeded(0))
+    finally:
+        hook.remove()
+    assert seen and not any(seen)  # every forward ran in eval mode
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not out.requires_grad and all(p.grad is None for p in model.parameters())
+    assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"),
+    [
+        (1.0, None, None),
+        (0.7, None, None),
+        (1.0, 5, None),
+        (1.0, None, 0.8),
+        (1.5, 7, 0.6),
+        (0.3, 12, 0.9),
+        (2.0, 1, 0.5),
+        (1.0, 50, 0.3),  # top_k above the vocabulary: no truncation by k
+        (1.0, None, 1.0),
+    ],
+)
+def test_truncation_matches_transformers_warpers(temperature, top_k, top_p):
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    g = _seeded(7)
+    logits = torch.randn(64, VOCAB, generator=g) * 3
+    logits[:4, :3] = logits[:4, 3:4]  # ties at the top-k boundary (they are kept)
+    ids = torch.zeros((64, 1), dtype=torch.long)
+    scores = TemperatureLogitsWarper(float(temperature))(ids, logits.clone())
+    if top_k is not None:
+        scores = TopKLogitsWarper(top_k=top_k)(ids, scores)
+    if top_p is not None:
+        scores = TopPLogitsWarper(top_p=top_p)(ids, scores)
+    expected = scores.softmax(dim=-1)
+    got = _sampling_probs(logits, temperature, top_k, top_p)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert torch.equal(got == 0, expected == 0)  # the same tokens are truncated
+    if top_k is not None or (top_p is not None and top_p < 1):
+        assert (got == 0).any()  # the truncation is exercised
+
+
+def test_one_token_frequencies_match_the_softmax():
+    """Draw one token 20000 times (batched) from a BOS prompt: every token's frequency lies
+    within 4.5 binomial standard deviations of the truncated, renormalised softmax."""
+    model = _tiny_llama(seed=3)
+    bos = torch.full((1, 1), model.config.bos_token_id)
+    temperature, top_k = 0.2, 6  # sharpen the random model's near-uniform distribution
+    with torch.no_grad():
+        logits = model(input_ids=bos).logits[0, -1]
+    probs = _sampling_probs(logits[None], temperature, top_k, None)[0].double()
+    draws = 20000
+    out = sample_generate(
+        model, bos.expand(draws, 1), 1, temperature=temperature, top_k=top_k, batch_size=5000,
+        generator=_seeded(0),
+    )
+    counts = torch.bincount(out[:, 0], minlength=VOCAB).double()
+    assert counts[probs == 0].sum() == 0  # never a truncated token
+    sd = (draws * probs * (1 - probs)).sqrt()
+    assert torch.all((counts - draws * probs).abs() <= 4.5 * sd + 1e-9)
+    assert probs.max() < 0.9 and (probs > 0.02).sum() >= 3  # not a degenerate distribution
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"temperature": 0}, ValueError, r"temperature must be > 0, got 0.*greedy_generate"),
+        ({"temperature": 0.0}, ValueError, r"greedy_generate"),
+        ({"temperature": -1.0}, ValueError, r"temperature must be a finite number > 0, got -1.0"),
+        ({"temperature": float("nan")}, ValueError, r"temperature must be a finite number > 0"),
+        ({"temperature": True}, ValueError, r"temperature must be a finite number > 0, got True"),
+        ({"top_k": 0}, ValueError, r"top_k must be None or an integer >= 1, got 0; e.g. top_k=40"),
+        ({"top_k": 2.0}, ValueError, r"top_k must be None or an integer >= 1, got 2.0"),
+        ({"top_p": 0.0}, ValueError, r"top_p must be None or a number in \(0, 1\], got 0.0"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be None or a number in \(0, 1\], got 1.5"),
+        ({"num_tokens": 0}, ValueError, r"num_tokens must be an integer >= 1, got 0"),
+        ({"batch_size": 0}, ValueError, r"batch_size must be an integer >= 1, got 0"),
+        ({"generator": 0}, TypeError, r"generator must be a torch.Generator or None, got int"),
+        ({"use_cache": 1}, TypeError, r"use_cache must be a bool, got 1"),
+        ({"prompts": torch.tensor([1, 2])}, ValueError, r"prompts must be 2-D.*prompts\[None\]"),
+        ({"prompts": torch.rand(2, 3)}, ValueError, r"prompts must hold integer token ids"),
+        ({"prompts": [[1]]}, TypeError, r"prompts must be a LongTensor"),
+        ({"prompts": torch.empty((2, 0), dtype=torch.long)}, ValueError, "at least one token"),
+    ],
+)
+def test_sample_bad_arguments(llama, kwargs, error, match):
+    args = {"prompts": torch.zeros((2, 3), dtype=torch.long), "num_tokens": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        sample_generate(llama, **args)
+
+
+def test_sample_generator_on_another_device_is_refused():
+    model = SuccessorLM()
+    model.weight = torch.nn.Parameter(torch.zeros(1, device="meta"))  # the model is on "meta"
+    with pytest.raises(ValueError, match=r"generator is on cpu but the model is on meta.*device="):
+        sample_generate(model, torch.tensor([[1]]), 2, generator=_seeded(0))
+
+
+def test_sample_without_cache_support_names_sample_generate():
+    class Plain(SuccessorLM):
+        def forward(self, input_ids, use_cache=False):
+            return super().forward(input_ids).logits
+
+    with pytest.raises(TypeError, match=r"sample_generate\(use_cache=True\).*use_cache=False"):
+        sample_generate(Plain(), torch.tensor([[1]]), 2)
+    out = sample_generate(
+        Plain(vocab=7), torch.tensor([[5]]), 3, temperature=0.01, use_cache=False,
+        generator=_seeded(0),
+    )
+    assert out.tolist() == [[6, 0, 1]]  # one-hot logits / 0.01: exp(-100) for any other token

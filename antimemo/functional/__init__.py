@@ -6,7 +6,7 @@ math here, so that users with their own training loop can call it directly.
 
 from antimemo.functional.exposure import exposure_rank, exposure_skewnorm
 from antimemo.functional.extraction import edit_similarity, exact_match, levenshtein_distance, token_match
-from antimemo.functional.generation import greedy_generate
+from antimemo.functional.generation import greedy_generate, sample_generate
 from antimemo.functional.goldfish import goldfish_mask
 from antimemo.functional.membership import (
     mia_loss,
@@ -49,6 +49,7 @@ __all__ = [
     "goldfish_mask",
     "levenshtein_distance",
     "greedy_generate",
+    "sample_generate",
     "mia_loss",
     "mia_min_k",
     "mia_min_k_plus_plus",

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from antimemo._checks import check_int
+from antimemo._checks import check_int, is_int, is_number
 
-__all__ = ["greedy_generate", "greedy_generate_with_logits"]
+__all__ = ["greedy_generate", "greedy_generate_with_logits", "sample_generate"]
 
 
 def _model_device(model: torch.nn.Module, fallback: torch.device) -> torch.device:
@@ -149,30 +149,7 @@ def greedy_generate(
         >>> greedy_generate(model, prefixes, suffix_length=4, batch_size=2).shape
         torch.Size([5, 4])
     """
-    if not callable(model):
-        raise TypeError(
-            f"model must be a callable causal LM (a torch.nn.Module), got {type(model).__name__}"
-        )
-    if not isinstance(prefixes, torch.Tensor):
-        raise TypeError(
-            f"prefixes must be a LongTensor of shape [N, P], got {type(prefixes).__name__}; "
-            "stack equal-length prefixes with torch.stack(list_of_1d_tensors)"
-        )
-    if prefixes.dim() != 2:
-        raise ValueError(
-            f"prefixes must be 2-D [N, P] (one row per probe), got shape {tuple(prefixes.shape)}; "
-            "for a single prefix use prefixes[None]"
-        )
-    dtype = prefixes.dtype
-    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise ValueError(
-            f"prefixes must hold integer token ids, got dtype {dtype}; convert with prefixes.long()"
-        )
-    if prefixes.shape[1] < 1:
-        raise ValueError(
-            f"prefixes must have at least one token per row, got shape {tuple(prefixes.shape)}; "
-            "greedy decoding needs a non-empty context"
-        )
+    _check_model_and_rows(model, prefixes, "prefixes", "prefix", "greedy decoding")
     check_int("suffix_length", suffix_length, 1, "it is the number of tokens generated per prefix")
     check_int("batch_size", batch_size, 1, "it is the number of prefixes decoded at once, e.g. 32")
     if not isinstance(use_cache, bool):
@@ -196,13 +173,49 @@ def greedy_generate(
     return out
 
 
-def _decode_cached(model: Any, chunk: torch.Tensor, suffix_length: int) -> torch.Tensor:
+def _check_model_and_rows(model: Any, rows: Any, name: str, row: str, what: str) -> None:
+    """The argument checks shared by :func:`greedy_generate` (``name="prefixes"``) and
+    :func:`sample_generate` (``name="prompts"``)."""
+    if not callable(model):
+        raise TypeError(
+            f"model must be a callable causal LM (a torch.nn.Module), got {type(model).__name__}"
+        )
+    if not isinstance(rows, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a LongTensor of shape [N, P], got {type(rows).__name__}; "
+            f"stack equal-length {name} with torch.stack(list_of_1d_tensors)"
+        )
+    if rows.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D [N, P] (one row per {row}), got shape {tuple(rows.shape)}; "
+            f"for a single {row} use {name}[None]"
+        )
+    dtype = rows.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(
+            f"{name} must hold integer token ids, got dtype {dtype}; convert with {name}.long()"
+        )
+    if rows.shape[1] < 1:
+        raise ValueError(
+            f"{name} must have at least one token per row, got shape {tuple(rows.shape)}; "
+            f"{what} needs a non-empty context"
+        )
+
+
+def _decode_cached(
+    model: Any,
+    chunk: torch.Tensor,
+    suffix_length: int,
+    pick: Any = None,
+    caller: str = "greedy_generate",
+) -> torch.Tensor:
+    pick = _argmax if pick is None else pick
     output = model(input_ids=chunk, use_cache=True)
-    logits = _logits_of(output, use_cache=True)
-    past = _past_of(output)
-    return _decode_steps(
-        model, past, logits[:, -1, :].argmax(dim=-1), suffix_length, _cache_keyword(model)
-    )
+    logits = _logits_of(output, use_cache=True, caller=caller)
+    past = _past_of(output, caller)
+    first = pick(logits[:, -1, :])
+    keyword = _cache_keyword(model)
+    return _decode_steps(model, past, first, suffix_length, keyword, pick, caller)
 
 
 def _past_of(output: Any, caller: str = "greedy_generate") -> Any:
@@ -336,10 +349,177 @@ def _prefill_score_decode(
     return _decode_steps(model, past, first, suffix_length, keyword), logits
 
 
-def _decode_uncached(model: Any, chunk: torch.Tensor, suffix_length: int) -> torch.Tensor:
+def _decode_uncached(
+    model: Any,
+    chunk: torch.Tensor,
+    suffix_length: int,
+    pick: Any = None,
+    caller: str = "greedy_generate",
+) -> torch.Tensor:
+    pick = _argmax if pick is None else pick
     sequence = chunk
     for _ in range(suffix_length):
-        logits = _logits_of(model(input_ids=sequence), use_cache=False)
-        next_token = logits[:, -1, :].argmax(dim=-1)
+        logits = _logits_of(model(input_ids=sequence), use_cache=False, caller=caller)
+        next_token = pick(logits[:, -1, :])
         sequence = torch.cat([sequence, next_token[:, None]], dim=1)
     return sequence[:, chunk.shape[1] :]
+
+
+
+def sample_generate(
+    model: torch.nn.Module,
+    prompts: torch.Tensor,
+    num_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    batch_size: int = 32,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
+    """Sample exactly ``num_tokens`` tokens after each prompt (untargeted extraction).
+
+    Each step turns the last logits (in float32) into a distribution the way ``transformers``'
+    ``generate(do_sample=True)`` does, in the same order as its warpers:
+
+    1. temperature: ``logits / temperature`` (``TemperatureLogitsWarper``);
+    2. top-k: logits below the ``top_k``-th largest become ``-inf`` (ties with it are kept;
+       ``TopKLogitsWarper``);
+    3. top-p (nucleus): sorted by probability, the least likely tokens whose cumulative
+       probability is ``<= 1 - top_p`` become ``-inf``, always keeping the most likely one
+       (``TopPLogitsWarper``);
+
+    then ``softmax`` renormalises what is left and the token is drawn with
+    ``torch.multinomial(probs, 1, generator=generator)``. As in :func:`greedy_generate` there is no
+    EOS stop and no padding: every row gets exactly ``num_tokens`` tokens, and the prompts are
+    processed in chunks of ``batch_size`` rows with a KV cache (the model's own ``Cache``, passed
+    back as ``cache=`` where its forward declares it, else ``past_key_values=``).
+
+    Reproducibility: with a seeded ``generator`` (``torch.Generator(device=...).manual_seed(s)``
+    on the model's device) the same model, prompts, arguments and ``batch_size`` give the same
+    tokens, and the global RNG (``torch.manual_seed``) is neither used nor advanced. With
+    ``generator=None`` the draws come from the global RNG of the model's device. A different
+    ``batch_size`` consumes the generator in a different order, so it gives different (equally
+    distributed) samples.
+
+    The model is put in eval mode for the call (no dropout) and every submodule's train/eval
+    mode is restored afterwards; everything runs under :func:`torch.no_grad`.
+
+    Args:
+        model: A causal LM, as for :func:`greedy_generate`.
+        prompts: Integer tensor ``[N, P]`` of token ids, ``P >= 1``, all prompts of the same
+            length. For unconditional samples from the beginning of a document pass a BOS-only
+            prompt, ``[[bos]] * N``: ``torch.full((N, 1), tokenizer.bos_token_id)``.
+        num_tokens: Tokens sampled per prompt, ``>= 1``.
+        temperature: A finite number ``> 0``; ``1.0`` samples from the model's own
+            distribution, lower is sharper. ``0`` is refused: argmax decoding is
+            :func:`greedy_generate`.
+        top_k: Keep only the ``top_k`` most likely tokens (an integer ``>= 1``), or ``None`` (all).
+            ``top_k=1`` is greedy decoding.
+        top_p: Keep the smallest set of most likely tokens whose probability reaches ``top_p``,
+            a number in ``(0, 1]``, or ``None`` (``1.0``: no truncation).
+        batch_size: Prompts decoded together, ``>= 1``.
+        generator: A ``torch.Generator`` on the model's device, or ``None`` (global RNG).
+        use_cache: Reuse the KV cache between steps; ``False`` re-runs the whole sequence at
+            every step (for models without a cache).
+
+    Returns:
+        LongTensor ``[N, num_tokens]`` of sampled token ids, on the model's device.
+
+    Example:
+        >>> import torch, transformers
+        >>> from antimemo.functional import sample_generate
+        >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=64,
+        ...     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+        ...     max_position_embeddings=128)
+        >>> model = transformers.LlamaForCausalLM(config)
+        >>> bos = torch.full((6, 1), config.bos_token_id)
+        >>> a = sample_generate(model, bos, 5, top_k=10, generator=torch.Generator().manual_seed(0))
+        >>> b = sample_generate(model, bos, 5, top_k=10, generator=torch.Generator().manual_seed(0))
+        >>> a.shape, torch.equal(a, b)
+        (torch.Size([6, 5]), True)
+    """
+    _check_model_and_rows(model, prompts, "prompts", "prompt", "sampling")
+    check_int("num_tokens", num_tokens, 1, "it is the number of tokens sampled per prompt")
+    if is_number(temperature) and temperature == 0:
+        raise ValueError(
+            "temperature must be > 0, got 0; temperature 0 is argmax decoding: use "
+            "greedy_generate(model, prompts, num_tokens) instead (or top_k=1)"
+        )
+    if not is_number(temperature) or temperature < 0:
+        raise ValueError(
+            f"temperature must be a finite number > 0, got {temperature!r}; 1.0 samples from "
+            "the model's distribution, lower values sharpen it (e.g. temperature=0.7)"
+        )
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        raise ValueError(
+            f"top_k must be None or an integer >= 1, got {top_k!r}; e.g. top_k=40 keeps the 40 "
+            "most likely tokens, None keeps all"
+        )
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
+        raise ValueError(
+            f"top_p must be None or a number in (0, 1], got {top_p!r}; e.g. top_p=0.95, or None "
+            "(= 1.0) for no nucleus truncation; for argmax decoding use greedy_generate"
+        )
+    check_int("batch_size", batch_size, 1, "it is the number of prompts decoded at once, e.g. 32")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(
+            f"generator must be a torch.Generator or None, got {type(generator).__name__}; "
+            "e.g. generator=torch.Generator().manual_seed(0)"
+        )
+    if not isinstance(use_cache, bool):
+        raise TypeError(f"use_cache must be a bool, got {use_cache!r}")
+
+    device = prompts.device
+    if isinstance(model, torch.nn.Module):
+        device = _model_device(model, fallback=prompts.device)
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"generator is on {generator.device} but the model is on {device}; torch.multinomial "
+            f"needs a generator on the model's device: torch.Generator(device={str(device)!r})"
+        )
+    temperature, top_k = float(temperature), None if top_k is None else int(top_k)
+    top_p = None if top_p is None else float(top_p)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        probs = _sampling_probs(logits, temperature, top_k, top_p)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, torch.nn.Module) else []
+    num = prompts.shape[0]
+    out = torch.empty((num, num_tokens), dtype=torch.long, device=device)
+    try:
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+        with torch.no_grad():
+            for start in range(0, num, batch_size):
+                chunk = prompts[start : start + batch_size].to(device=device, dtype=torch.long)
+                decode = _decode_cached if use_cache else _decode_uncached
+                out[start : start + chunk.shape[0]] = decode(
+                    model, chunk, num_tokens, pick, "sample_generate"
+                )
+    finally:
+        for module, training in modes:
+            module.training = training
+    return out
+
+
+def _sampling_probs(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
+    """The distribution :func:`sample_generate` draws from: ``logits`` ``[B, V]`` -> temperature
+    -> top-k -> top-p (the order and the rules of ``transformers``' ``TemperatureLogitsWarper``,
+    ``TopKLogitsWarper``, ``TopPLogitsWarper`` with ``min_tokens_to_keep=1``) -> softmax, in
+    float32."""
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ascending, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative <= 1 - top_p
+        drop_sorted[..., -1:] = False  # the most likely token always stays
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return scores.softmax(dim=-1)
