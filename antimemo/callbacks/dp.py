@@ -447,7 +447,8 @@ class DifferentialPrivacy(pl.Callback):
         optimizers = trainer.strategy.optimizers
         if len(optimizers) != 1:
             raise ValueError(
-                f"DifferentialPrivacy supports exactly one optimizer, configure_optimizers returned {len(optimizers)}"
+                f"DifferentialPrivacy supports exactly one optimizer, configure_optimizers returned {len(optimizers)}; "
+                "return one optimizer over all trainable parameters (each Poisson batch must give one DP step)"
             )
         original = optimizers[0]
         if isinstance(original, DPOptimizer):
@@ -457,8 +458,10 @@ class DifferentialPrivacy(pl.Callback):
             for p in group["params"]:
                 if p.requires_grad and id(p) not in trainable:
                     raise ValueError(
-                        "the optimizer holds a trainable parameter that is not part of the LightningModule; "
-                        "DifferentialPrivacy can only compute per-sample gradients of the module's parameters"
+                        f"the optimizer configure_optimizers returned holds a trainable parameter of shape "
+                        f"{tuple(p.shape)} that is not part of the LightningModule; DifferentialPrivacy can only "
+                        "compute per-sample gradients of the module's parameters. Register it on the module (e.g. as "
+                        "an nn.Parameter attribute) or freeze it (requires_grad=False)"
                     )
         self.noise_multiplier = self._resolve_noise(trainer)
         distributed = self.world_size > 1

@@ -49,7 +49,8 @@ def poisson_loader(
     if isinstance(dataset, IterableDataset):
         raise TypeError(
             "DifferentialPrivacy needs a map-style training dataset (Poisson sampling draws indices), got the "
-            f"IterableDataset {type(dataset).__name__}"
+            f"IterableDataset {type(dataset).__name__}; pass a Dataset with __len__ and __getitem__ (e.g. "
+            "torch.utils.data.TensorDataset, or a list of examples) to the train DataLoader"
         )
     if kept_indices is not None:
         dataset = Subset(dataset, [int(i) for i in kept_indices])
@@ -65,7 +66,8 @@ def poisson_loader(
     q = per_rank * world_size / n
     if q > 1:
         raise ValueError(
-            f"batch_size={per_rank} x world_size={world_size} exceeds the {n} training examples; lower the batch size"
+            f"the train DataLoader's batch_size={per_rank} x world_size={world_size} exceeds the {n} training examples "
+            f"(sample rate q = {q:.3g} > 1); lower the batch size to at most {n // world_size}"
         )
     sampler = getattr(loader, "sampler", None)
     if kept_indices is None and sampler is not None and not isinstance(sampler, (RandomSampler, SequentialSampler)):
