@@ -248,7 +248,6 @@ class DifferentialPrivacy(pl.Callback):
         self.nonprivate_start = False
         self._seed = 0
         self._ckpt_seen = False
-        self._ckpt_has_state = False
         self._ckpt_global_step: int | None = None
         self._state_loaded = False
         self._trainable_at_start: set[int] = set()
@@ -349,7 +348,7 @@ class DifferentialPrivacy(pl.Callback):
         # amplification by subsampling the accountant relies on). Never saved in checkpoints.
         seed = int(torch.initial_seed()) % (1 << 63) if self.reproducible_noise else secrets.randbits(63)
         self._seed = int(strategy.broadcast(seed, src=0))
-        self._ckpt_seen, self._ckpt_has_state, self._ckpt_global_step, self._state_loaded = False, False, None, False
+        self._ckpt_seen, self._ckpt_global_step, self._state_loaded = False, None, False
         self.fixed_layers = validate_model(pl_module, self.fix) or self.fixed_layers
         register_grad_samplers()
         if self._loader_handle is not None:
@@ -601,21 +600,26 @@ class DifferentialPrivacy(pl.Callback):
 
     # ------------------------------------------------------------------ parameter changes outside the DP step
     def _take_fingerprint(self) -> tuple[tuple[int, ...], Tensor] | None:
-        """Version counters and float32 (L2, L1) norms of every parameter: cheap, and changed by any update."""
+        """Version counters and (L2, L1) norms of every parameter, accumulated in float64: two reads of the weights.
+
+        The version counters see every in-place update except writes to ``p.data`` and fused optimizers;
+        the float64 norms see those (a change that leaves both norms bit-identical is not detected).
+        """
         params = self._watched
         if not params:
             return None
         versions = tuple(int(p._version) for p in params)
         device = params[0].device
-        values = torch.empty(len(params), 2, dtype=torch.float32, device=device)
+        acc = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
+        values = torch.empty(len(params), 2, dtype=acc, device=device)
         groups: dict[tuple[Any, Any], list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.device, p.dtype), []).append(i)
         with torch.no_grad():
             for idx in groups.values():
                 tensors = [params[i].detach() for i in idx]
-                l2 = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
-                l1 = torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))
+                l2 = torch.stack(torch._foreach_norm(tensors, 2, dtype=acc))
+                l1 = torch.stack(torch._foreach_norm(tensors, 1, dtype=acc))
                 values[torch.tensor(idx, device=device)] = torch.stack([l2, l1], dim=1).to(device)
         return versions, values
 
