@@ -54,6 +54,8 @@ CONSTRUCTOR_CASES = [
     ("ConditioningNoise", {"std": -1.0}, ValueError, r"^std must be a number >= 0, got -1.0"),
     ("LabelRandomization", {"p": 1.5}, ValueError, r"^p must be a probability in \[0, 1\], got 1.5"),
     ("ReplicaPenalty", {"strength": -1.0}, ValueError, r"^strength must be a finite number >= 0, got -1.0"),
+    ("ReplicaMonitor", {"threshold": float("nan")}, ValueError, r"^threshold must be a finite number for similarity='cosine'"),
+    ("ReplicaMonitor", {"threshold": 5.0}, ValueError, r"^threshold=5.0 is outside \[-1, 1\) for similarity='cosine'"),
 ]
 
 

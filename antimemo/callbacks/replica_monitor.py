@@ -33,7 +33,7 @@ from antimemo.callbacks.monitor import (
 )
 from antimemo.dedup.datasets import dataset_view
 from antimemo.dedup.images import image_content_hash
-from antimemo.functional.replica import SIMILARITIES, check_images, replica_scores
+from antimemo.functional.replica import SIMILARITIES, check_images, check_replica_threshold, replica_scores
 from antimemo.metrics.replica import DEFAULT_THRESHOLDS, FeatureFrechetDistance, GenerationDiversity, ReplicaRate
 
 __all__ = ["ReplicaMonitor", "replica_grid", "save_png"]
@@ -219,7 +219,7 @@ class ReplicaMonitor(Callback):
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self.similarity = similarity
-        self.threshold = DEFAULT_THRESHOLDS[similarity] if threshold is None else float(threshold)
+        self.threshold = DEFAULT_THRESHOLDS[similarity] if threshold is None else check_replica_threshold(threshold, similarity)
         if embedder is not None and not isinstance(embedder, nn.Module):
             raise TypeError(f"embedder must be a torch.nn.Module or None, got {type(embedder).__name__}")
         self.embedder = embedder
