@@ -4,6 +4,12 @@ Each metric in :mod:`antimemo.metrics` and each callback in :mod:`antimemo.callb
 math here, so that users with their own training loop can call it directly.
 """
 
+from antimemo.functional.discoverable import (
+    discoverable_probability,
+    suffix_sampling_log_probability,
+    suffix_sampling_probability,
+    teacher_forced_greedy_match,
+)
 from antimemo.functional.exposure import exposure_rank, exposure_skewnorm
 from antimemo.functional.extraction import edit_similarity, exact_match, levenshtein_distance, token_match
 from antimemo.functional.generation import greedy_generate, sample_generate
@@ -42,6 +48,7 @@ __all__ = [
     "sequence_flooding_loss",
     "spectral_norm_penalty",
     "truncation_threshold",
+    "discoverable_probability",
     "edit_similarity",
     "exact_match",
     "exposure_rank",
@@ -56,6 +63,9 @@ __all__ = [
     "mia_zlib",
     "roc_auc",
     "token_logprob_stats",
+    "suffix_sampling_log_probability",
+    "suffix_sampling_probability",
+    "teacher_forced_greedy_match",
     "token_match",
     "tpr_at_fpr",
 ]

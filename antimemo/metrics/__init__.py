@@ -1,6 +1,8 @@
 """Stateful, DDP-synced memorization metrics (``torchmetrics.Metric`` subclasses).
 
 - :class:`ExtractableMemorization`: exact / token / near-verbatim match of greedy suffixes.
+- :class:`DiscoverableExtraction`: greedy exact match and (n, p)-discoverable rate (sampling
+  probability of the true suffix) from one teacher-forced pass.
 - :class:`CanaryExposure`: Secret Sharer exposure of inserted canaries (rank and skew-normal).
 - :class:`MembershipInference`: ROC AUC and TPR@FPR of loss, zlib, Min-K% and Min-K%++ attacks.
 - :class:`ReplicaRate`, :class:`GenerationDiversity`, :class:`FeatureFrechetDistance`: image
@@ -9,6 +11,7 @@
 The math lives in :mod:`antimemo.functional`; this package never imports Lightning.
 """
 
+from antimemo.metrics.discoverable import DiscoverableExtraction
 from antimemo.metrics.exposure import CanaryExposure
 from antimemo.metrics.extraction import ExtractableMemorization
 from antimemo.metrics.membership import MembershipInference
@@ -16,6 +19,7 @@ from antimemo.metrics.replica import FeatureFrechetDistance, GenerationDiversity
 
 __all__ = [
     "CanaryExposure",
+    "DiscoverableExtraction",
     "ExtractableMemorization",
     "FeatureFrechetDistance",
     "GenerationDiversity",
