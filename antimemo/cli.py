@@ -176,6 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"antimemo: unknown verb {args[0]!r}; choose one of: {', '.join(VERBS)}\n", file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
+    previous = os.environ.get(DEBUG_ENV)
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # verbs that print their own errors (dedup, ablate) and ablate's runs read it
     try:
         return verb.run(args[1:])
     except CONFIG_ERRORS as err:
@@ -185,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hint: 'antimemo {args[0]} --help' lists the options; --debug or {DEBUG_ENV}=1 shows the "
               "full traceback", file=sys.stderr)
         return 2
+    finally:
+        if debug and previous is None:
+            os.environ.pop(DEBUG_ENV, None)
+        elif previous is not None:
+            os.environ[DEBUG_ENV] = previous
 
 
 if __name__ == "__main__":

@@ -294,3 +294,82 @@ def test_real_ablation_of_two_tiny_runs(tmp_path, capsys):
     assert not any(k.startswith("loss_floor/") for k in off["metrics"])
     assert on["goldfish"]["k"] == 4 and on["epochs"] == 2
     assert (out / "pareto.png").stat().st_size > 5000 and "| 0.5 |" in (out / "summary.md").read_text()
+
+
+def _gone(pid: int) -> bool:
+    """The process no longer runs (reaped, or a zombie nobody has reaped yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def test_sigkill_of_the_runner_takes_its_children_along(tmp_path, fake, monkeypatch):
+    command, calls = fake
+    pids = tmp_path / "pids"
+    monkeypatch.setenv("FAKE_PIDS", str(pids))
+    monkeypatch.setenv("FAKE_SLEEP", "120")
+    runs = plan_runs(RECIPE, parse_grid(["goldfish.k=4,8"]), tmp_path / "abl", seeds=1, sections=SECTIONS,
+                     parse=fake_parse)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps([r.to_json() for r in runs]))
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import json
+        from antimemo.ablate.runner import Run, execute
+        execute([Run.from_json(r) for r in json.load(open({str(plan)!r}))], jobs=2, command={command!r},
+                progress=False)
+    """))
+    proc = subprocess.Popen([sys.executable, str(driver)], env={**os.environ, "PYTHONPATH": str(ROOT)})
+    deadline = time.time() + 60
+    while time.time() < deadline and not (pids.exists() and len(pids.read_text().split()) >= 2):
+        time.sleep(0.1)
+    children = [int(p) for p in pids.read_text().split()]
+    assert len(children) == 2
+    lock = json.loads((runs[0].dir / "run.lock").read_text())
+    assert lock["pid"] in children and lock["runner_pid"] == proc.pid
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    deadline = time.time() + 10
+    while time.time() < deadline and not all(_gone(pid) for pid in children):
+        time.sleep(0.1)
+    assert all(_gone(pid) for pid in children), "a child outlived the SIGKILLed runner"
+    # the rerun finds the stale locks (their processes are gone) and trains both runs, once each
+    monkeypatch.delenv("FAKE_SLEEP")
+    before = _n_calls(calls)
+    outcome = execute(runs, command=command, progress=False)
+    assert (outcome.finished, outcome.busy) == (2, []) and _n_calls(calls) == before + 2
+    assert not (runs[0].dir / "run.lock").exists()
+
+
+def test_a_run_held_by_a_live_process_is_not_started_twice(tmp_path, fake, capsys):
+    from antimemo.ablate.runner import LOCK, _start_time, live_lock
+
+    command, calls = fake
+    runs = plan_runs(RECIPE, parse_grid(["goldfish.k=4,8"]), tmp_path / "abl", seeds=1, sections=SECTIONS,
+                     parse=fake_parse)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        runs[0].dir.mkdir(parents=True)
+        (runs[0].dir / LOCK).write_text(json.dumps({"pid": holder.pid, "start_time": _start_time(holder.pid),
+                                                    "runner_pid": holder.pid}))
+        # a lock whose pid was reused by another process (different start time) is stale
+        runs[1].dir.mkdir(parents=True)
+        (runs[1].dir / LOCK).write_text(json.dumps({"pid": holder.pid, "start_time": "1"}))
+        assert live_lock(runs[0].dir) is not None and live_lock(runs[1].dir) is None
+        outcome = execute(runs, command=command, progress=False)
+        err = capsys.readouterr().err
+        assert outcome.busy == [runs[0]] and outcome.finished == 1 and _n_calls(calls) == 1
+        assert f"still being trained by process {holder.pid}" in err and str(runs[0].dir / LOCK) in err
+        assert not runs[0].report_path.exists() and runs[1].report_path.exists()
+        assert (runs[0].dir / LOCK).exists()  # the holder's lock is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    # once the holder is gone, the rerun trains the run
+    outcome = execute(runs, command=command, progress=False)
+    assert (outcome.finished, outcome.skipped, outcome.busy) == (1, 1, []) and _n_calls(calls) == 2

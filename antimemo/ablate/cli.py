@@ -164,6 +164,8 @@ def run(
         try:
             merge_ablations(out, args.merge)
         except (ValueError, FileNotFoundError, IsADirectoryError) as err:
+            if _debug():
+                raise
             print(f"antimemo ablate: {err}", file=sys.stderr)
             return 2
         report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
@@ -176,6 +178,8 @@ def run(
         try:
             report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
         except (ValueError, FileNotFoundError) as err:
+            if _debug():
+                raise
             print(f"antimemo ablate: --report_only --out {str(out)!r}: {err}", file=sys.stderr)
             return 2
         return 0
@@ -189,6 +193,8 @@ def run(
         runs = plan_runs(args.config, axes, out, seeds=args.seeds, seed_start=args.seed_start, seed_keys_=seed_keys,
                          base_overrides=list(overrides), sections=sections, parse=parse)
     except ValueError as err:
+        if _debug():
+            raise
         print(f"antimemo ablate: {err}", file=sys.stderr)
         return 2
     write_manifest(out, runs, config=args.config, grid=[[a.key, list(a.values)] for a in axes], seeds=args.seeds,
@@ -226,6 +232,13 @@ def run(
           f"{busy}", flush=True)
     report(out, args.memorization, args.fidelity, args.fidelity_mode, args.budgets)
     return 1 if outcome.failed or outcome.busy else 0
+
+
+def _debug() -> bool:
+    """``antimemo --debug`` / ``ANTIMEMO_DEBUG=1``: raise configuration errors with their traceback."""
+    import os
+
+    return os.environ.get("ANTIMEMO_DEBUG", "").strip().lower() in ("1", "true", "yes")
 
 
 def _main_thread() -> bool:

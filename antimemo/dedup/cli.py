@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         args: parsed by a parser set up with :func:`add_arguments`.
 
     Returns:
-        0 on success, 2 on a user error (message on stderr).
+        0 on success, 2 on a user error (one line on stderr; with ``ANTIMEMO_DEBUG=1``, as set by
+        ``antimemo --debug``, the exception is raised with its traceback).
 
     Example:
         >>> import tempfile
@@ -209,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
             index = build(items, **kwargs)
         out = index.save(args.out)
     except (FileNotFoundError, IsADirectoryError, ValueError, TypeError, ImportError) as err:
+        if os.environ.get("ANTIMEMO_DEBUG", "").strip().lower() in ("1", "true", "yes"):
+            raise  # antimemo --debug: the full traceback
         print(f"antimemo dedup: error: {err}", file=sys.stderr)
         return 2
     summary = index.summary(args.top_k)
