@@ -36,6 +36,7 @@ LOWER = (
     "antimemo.probes",
     "antimemo._atomic",
     "antimemo.watermark",
+    "antimemo.suffix_index",
 )
 LIGHTNING = ("lightning", "pytorch_lightning")
 UPPER = ("antimemo.callbacks", "antimemo.cli", "antimemo.ablate")
