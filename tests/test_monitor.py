@@ -414,7 +414,7 @@ def test_members_equal_to_probes_share_one_pass_and_match_separate_evaluation():
             shapes.clear()
 
     def hook(mod, args, kwargs):
-        shapes.append((tuple(kwargs["input_ids"].shape), kwargs.get("past_key_values") is not None))
+        shapes.append((tuple(kwargs["input_ids"].shape), kwargs.get("cache", kwargs.get("past_key_values")) is not None))
 
     handle = module.model.register_forward_pre_hook(hook, with_kwargs=True)
     _fit(module, [Spy(), monitor], max_epochs=6, check_val_every_n_epoch=6)

@@ -84,7 +84,7 @@ class ShardRecorder(Callback):
 
         def hook(module, args, kwargs):
             # greedy_generate's prefill: model(input_ids=prefix, use_cache=True), no cache yet
-            if kwargs.get("use_cache") and kwargs.get("past_key_values") is None:
+            if kwargs.get("use_cache") and kwargs.get("cache", kwargs.get("past_key_values")) is None:
                 self.prefixes.append(kwargs["input_ids"].detach().cpu().clone())
 
         self.handle = pl_module.model.register_forward_pre_hook(hook, with_kwargs=True)
