@@ -36,8 +36,11 @@ from antimemo.functional.regularizers import (
     spectral_norm_penalty,
     truncation_threshold,
 )
+from antimemo.functional.untargeted import nv_recall, untargeted_prompts
 
 __all__ = [
+    "nv_recall",
+    "untargeted_prompts",
     "example_tied_dropout",
     "example_tied_dropout_mask",
     "flood",
