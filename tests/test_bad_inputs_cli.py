@@ -171,6 +171,9 @@ def test_debug_flag_anywhere_before_double_dash(tmp_path):
     with pytest.raises(ValueError, match=r"data\.class_path: 'subprocess\.Popen' is refused"):
         main(["dedup", "--debug", _yaml(tmp_path, "r.yaml", {"data": _popen(tmp_path)}), "--out", str(tmp_path / "i.npz")])
     assert not (tmp_path / SENTINEL).exists()
+    with pytest.raises(ValueError, match=r"--grid 'goldfish\.k': expected KEY=V1,V2"):
+        main(["--debug", "ablate", "--config", RECIPE, "--grid", "goldfish.k", "--out", str(tmp_path / "a")])
+    assert "ANTIMEMO_DEBUG" not in os.environ  # --debug does not leak into the rest of the process
 
 
 def test_console_script_prints_one_line_and_debug_prints_the_traceback(tmp_path):
