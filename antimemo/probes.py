@@ -12,7 +12,9 @@ training loop.
   ``count`` items that have a probe; :func:`fetch_probes` re-reads the probes of known indices.
 - :class:`ProbeScorer` decodes the probes greedily and scores extraction
   (:class:`~antimemo.metrics.ExtractableMemorization`) and membership inference
-  (:class:`~antimemo.metrics.MembershipInference`).
+  (:class:`~antimemo.metrics.MembershipInference`); :meth:`ProbeScorer.teacher_forced` scores
+  greedy exact match and probabilistic extraction from one forward pass, without decoding
+  (:class:`~antimemo.metrics.DiscoverableExtraction`).
 - :func:`get_rng_state` / :func:`set_rng_state` / :func:`module_modes` save and restore what an
   evaluation must not disturb.
 
@@ -38,6 +40,7 @@ from torch.utils.data import IterableDataset
 
 from antimemo.functional.generation import greedy_generate, greedy_generate_with_logits
 from antimemo.functional.membership import token_logprob_stats
+from antimemo.metrics.discoverable import DiscoverableExtraction
 from antimemo.metrics.extraction import ExtractableMemorization
 from antimemo.metrics.membership import MembershipInference
 
@@ -410,6 +413,10 @@ class ProbeScorer:
         mia_scores: the MIA scores to report (a subset of :data:`MIA_SCORES`).
         decode: ``Callable[[list[int]], str | bytes]`` giving the text for the zlib score, or
             ``None`` for :func:`ids_bytes`.
+        discoverable: keyword arguments of :class:`~antimemo.metrics.DiscoverableExtraction`
+            (``ns``, ``ps``, ``temperature``, ``top_k``, ``top_p``) to also report
+            ``reproduced_length`` and the ``discoverable/*`` keys from the teacher-forced logits,
+            or ``None`` (default) for neither.
 
     Example:
         >>> class Next(torch.nn.Module):  # predicts token + 1 (mod 8): it "knows" 0 1 2 3 ...
@@ -428,6 +435,77 @@ class ProbeScorer:
     near_verbatim_threshold: float = 0.9
     mia_scores: tuple[str, ...] = MIA_SCORES
     decode: Callable[[list[int]], str | bytes] | None = None
+    discoverable: Mapping[str, Any] | None = None
+
+    def new_teacher_forced_metric(self, device: torch.device) -> DiscoverableExtraction:
+        """An empty :class:`~antimemo.metrics.DiscoverableExtraction` on ``device`` (greedy
+        verdict only, no ``p_z``, when ``discoverable`` is ``None``)."""
+        if self.discoverable is None:
+            return DiscoverableExtraction(probabilistic=False).to(device)
+        return DiscoverableExtraction(**self.discoverable).to(device)
+
+    def _teacher_forced_results(self, metric: DiscoverableExtraction, exact: bool) -> dict[str, float]:
+        """The teacher-forced figures to report: ``exact_match`` when ``exact``, and
+        ``reproduced_length`` and ``discoverable/*`` when ``discoverable`` is set."""
+        computed = metric.compute()  # a collective under DDP: every rank calls it
+        keys = [k for k in computed if k != "exact_match" or exact]
+        if self.discoverable is None:
+            keys = [k for k in keys if k == "exact_match"]
+        return {key: float(computed[key]) for key in keys}
+
+    def teacher_forced(
+        self,
+        model: torch.nn.Module,
+        shard: Tensor,
+        device: torch.device,
+        member_metric: MembershipInference | None = None,
+    ) -> dict[str, float]:
+        """Greedy exact match (and, with ``discoverable``, ``reproduced_length`` and the
+        probabilistic keys) from one teacher-forced forward per batch, without decoding.
+
+        Greedy decoding reproduces a suffix iff the argmax at every suffix position, under the
+        true preceding tokens, is the true token
+        (:func:`~antimemo.functional.teacher_forced_greedy_match`), so ``exact_match`` is the
+        one :meth:`extraction` would report, up to float near-ties between the top two logits.
+
+        Args:
+            model: the causal LM, in ``eval()`` mode; ``model(input_ids=...)`` returns logits.
+            shard: ``[N, prefix_length + suffix_length]`` probes (this rank's share), on the CPU.
+            device: where the model runs.
+            member_metric: when given, the probes are also the MIA members: their log-probs
+                (from the same logits) are added to this metric.
+
+        Returns:
+            ``{"exact_match", ...}`` as floats, over all ranks.
+
+        Example:
+            >>> class Next(torch.nn.Module):  # predicts token + 1 (mod 8)
+            ...     def forward(self, input_ids):
+            ...         return torch.nn.functional.one_hot((input_ids + 1) % 8, 8).float()
+            >>> probes = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 0]])
+            >>> ProbeScorer(prefix_length=3, suffix_length=3).teacher_forced(Next(), probes, torch.device("cpu"))
+            {'exact_match': 0.5}
+        """
+        metric = self.new_teacher_forced_metric(device)
+        for start in range(0, len(shard), self.batch_size):
+            rows_cpu = shard[start : start + self.batch_size]
+            rows = rows_cpu.to(device)
+            logits = _logits(model(input_ids=rows))
+            self._check_logits(logits, rows)
+            metric.update(logits[:, self.prefix_length - 1 : -1], rows[:, self.prefix_length :])
+            if member_metric is not None:
+                self.update_membership(member_metric, logits, rows_cpu, rows, is_member=True)
+        return self._teacher_forced_results(metric, exact=True)
+
+    @staticmethod
+    def _check_logits(logits: Any, rows: Tensor) -> None:
+        if not isinstance(logits, Tensor) or logits.dim() != 3 or logits.shape[:2] != rows.shape:
+            got = f"shape {tuple(logits.shape)}" if isinstance(logits, Tensor) else type(logits).__name__
+            raise TypeError(
+                f"{_NAME}: the teacher-forced pass needs model(input_ids=...) to return logits "
+                f"[B, T, V] = [{rows.shape[0]}, {rows.shape[1]}, V] (a tensor or an object with "
+                f".logits), got {got}"
+            )
 
     def new_membership_metric(self, device: torch.device) -> MembershipInference:
         """An empty :class:`~antimemo.metrics.MembershipInference` on ``device``."""
@@ -462,16 +540,24 @@ class ProbeScorer:
                 (added to this metric), the cache is cropped back and greedy decoding goes on.
 
         Returns:
-            ``{"exact_match", "token_match", "near_verbatim"}`` as floats, over all ranks.
+            ``{"exact_match", "token_match", "near_verbatim"}`` as floats, over all ranks; with
+            ``discoverable`` also ``reproduced_length`` and the ``discoverable/*`` keys from the
+            teacher-forced logits (the shared pass gives them with the KV cache; without it, a
+            separate forward).
         """
-        if member_metric is not None:
+        tf_metric = None if self.discoverable is None else self.new_teacher_forced_metric(device)
+        if self.use_cache and (member_metric is not None or tf_metric is not None):
             generated = torch.empty((len(shard), self.suffix_length), dtype=torch.long, device=device)
             for start, tokens, logits in greedy_generate_with_logits(
                 model, shard.to(device), self.prefix_length, self.batch_size
             ):
                 generated[start : start + len(tokens)] = tokens
                 rows = shard[start : start + len(tokens)]
-                self.update_membership(member_metric, logits, rows, rows.to(device), is_member=True)
+                rows_device = rows.to(device)
+                if member_metric is not None:
+                    self.update_membership(member_metric, logits, rows, rows_device, is_member=True)
+                if tf_metric is not None:
+                    tf_metric.update(logits[:, self.prefix_length - 1 : -1], rows_device[:, self.prefix_length :])
         else:
             generated = greedy_generate(
                 model,
@@ -480,6 +566,11 @@ class ProbeScorer:
                 self.batch_size,
                 use_cache=self.use_cache,
             )
+            for start in range(0, len(shard) if tf_metric is not None else 0, self.batch_size):
+                rows = shard[start : start + self.batch_size].to(device)
+                logits = _logits(model(input_ids=rows))
+                self._check_logits(logits, rows)
+                tf_metric.update(logits[:, self.prefix_length - 1 : -1], rows[:, self.prefix_length :])
         metric = ExtractableMemorization(
             prefix_length=self.prefix_length,
             suffix_length=self.suffix_length,
@@ -487,7 +578,10 @@ class ProbeScorer:
         ).to(device)
         metric.update(generated.to(device), shard[:, self.prefix_length :].to(device))
         computed = metric.compute()  # a collective under DDP: every rank calls it
-        return {key: float(computed[key]) for key in _EXTRACTION_KEYS}
+        results = {key: float(computed[key]) for key in _EXTRACTION_KEYS}
+        if tf_metric is not None:  # exact_match stays the decoded one
+            results.update(self._teacher_forced_results(tf_metric, exact=False))
+        return results
 
     def update_membership(
         self,

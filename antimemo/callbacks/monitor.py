@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from antimemo._checks import check_int
 from antimemo.callbacks._monitor_cost import EvaluationCost
+from antimemo.metrics.discoverable import DiscoverableExtraction
 from antimemo.metrics.membership import MembershipInference
 from antimemo.probes import (
     ATTENTION_MASK_KEY,
@@ -47,6 +48,11 @@ from antimemo.callbacks._interactions import declare
 __all__ = ["MemorizationMonitor"]
 
 _NAME = "MemorizationMonitor"
+#: Default ``decode_every_n_evaluations``: the full greedy decode at every 5th evaluation (and at
+#: the last epoch), the teacher-forced fast path at the others (docs/benchmarks.md, "fast path").
+DECODE_EVERY_N_EVALUATIONS = 5
+#: Keys a ``discoverable`` mapping may hold: the sampling arguments of ``DiscoverableExtraction``.
+_DISCOVERABLE_KEYS = ("ns", "ps", "temperature", "top_k", "top_p")
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -144,6 +150,21 @@ class MemorizationMonitor(Callback):
     - with ``holdout``: ``{log_prefix}/mia/{score}/auc``, ``.../tpr_at_1pct_fpr`` and
       ``.../tpr_at_0.1pct_fpr`` for each score in ``mia_scores``.
 
+    **Fast path.** The full greedy decode runs at every ``decode_every_n_evaluations``-th
+    evaluation (the first, then every n-th, counted over ``history``) and at every evaluation of
+    the fit's last epoch (``max_epochs``). The other evaluations run one teacher-forced forward
+    per batch instead and log ``exact_match`` from it: greedy decoding reproduces a suffix iff
+    the argmax at every suffix position, under the true preceding tokens, is the true token
+    (:func:`~antimemo.functional.teacher_forced_greedy_match`; equal up to float near-ties of
+    the top two logits). ``token_match`` and ``near_verbatim`` need the decoded tokens, so they
+    are logged only at decoding evaluations (``trainer.callback_metrics`` keeps the last value).
+    With ``discoverable`` set, every evaluation also logs, from the teacher-forced logits
+    (:class:`~antimemo.metrics.DiscoverableExtraction`): ``{log_prefix}/reproduced_length`` (mean
+    leading suffix tokens greedy decoding reproduces), ``{log_prefix}/discoverable/n{n}_p{p}``
+    (fraction of probes with ``1 - (1 - p_z)^n >= p``, ``p_z`` the probability that the sampling
+    scheme emits the true suffix; Hayes et al. 2024) and
+    ``{log_prefix}/discoverable/median_log10_pz``.
+
     **Membership inference** (``holdout`` given). Members and non-members are sequences of
     ``prefix_length + suffix_length`` tokens drawn like the probes (same seed, same length rule),
     equally many of each: ``min(#eligible members, #eligible non-members, num_probes)``. One
@@ -208,6 +229,16 @@ class MemorizationMonitor(Callback):
             suffix_length``; 1 (default) keeps every example. docs/results.md measures goldfish with 8
             (``--monitor.min_distinct_suffix_tokens 8``, a quarter of the recipe's 32-byte
             suffix), which leaves out the ASCII-table rows and rule lines of its corpus.
+        decode_every_n_evaluations: Run the full greedy decode (``token_match``,
+            ``near_verbatim``) at every n-th evaluation and in the last epoch; the others score
+            ``exact_match`` from one teacher-forced pass (see *Fast path*). 1 decodes every time
+            (the behaviour before this argument existed). The default, 5, keeps the defaults
+            under 10% of the fit on the LM recipe's 16-step epochs (docs/benchmarks.md).
+        discoverable: ``False`` (default): no new keys. ``True``: also log ``reproduced_length``
+            and the ``discoverable/*`` keys of :class:`~antimemo.metrics.DiscoverableExtraction`
+            at its defaults (``ns=(1, 10, 100, 1000)``, ``ps=(0.5, 0.9)``, temperature 1, no
+            truncation); a dict of its arguments (``ns``, ``ps``, ``temperature``, ``top_k``,
+            ``top_p``) sets the attacker's sampling scheme.
 
     Attributes:
         probes: LongTensor ``[N, prefix_length + suffix_length]`` (CPU) once drawn.
@@ -258,6 +289,8 @@ class MemorizationMonitor(Callback):
         use_cache: bool = True,
         probe_dataset: str | None = None,
         min_distinct_suffix_tokens: int = 1,
+        decode_every_n_evaluations: int = DECODE_EVERY_N_EVALUATIONS,
+        discoverable: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         self.num_probes = check_int("num_probes", num_probes, 1, "e.g. num_probes=64")
@@ -342,6 +375,14 @@ class MemorizationMonitor(Callback):
                 "(1 keeps every example)"
             )
         self.holdout = self._check_holdout(holdout)
+        self.decode_every_n_evaluations = check_int(
+            "decode_every_n_evaluations",
+            decode_every_n_evaluations,
+            1,
+            "1 decodes greedily at every evaluation; e.g. 5 decodes at every 5th and scores exact "
+            "match from one teacher-forced pass at the others",
+        )
+        self.discoverable = self._check_discoverable(discoverable)
 
         self._explicit_probes = probes is not None
         self.probes: Tensor | None = self._check_probes(probes) if probes is not None else None
@@ -396,6 +437,31 @@ class MemorizationMonitor(Callback):
                 f"{type(holdout).__name__}"
             )
         return holdout
+
+    @staticmethod
+    def _check_discoverable(discoverable: Any) -> dict[str, Any] | None:
+        """``None`` (off) or the keyword arguments of ``DiscoverableExtraction`` (``{}`` for
+        ``True``), checked now by building the metric once."""
+        if isinstance(discoverable, bool):
+            return {} if discoverable else None
+        if not isinstance(discoverable, Mapping):
+            raise TypeError(
+                f"discoverable must be a bool or a dict of sampling arguments, got "
+                f"{type(discoverable).__name__}; e.g. discoverable=True or "
+                "discoverable={'temperature': 1.0, 'top_k': 40, 'ns': (1, 100)}"
+            )
+        unknown = sorted(str(k) for k in discoverable if k not in _DISCOVERABLE_KEYS)
+        if unknown:
+            raise ValueError(
+                f"discoverable has unknown keys {unknown}; the allowed keys are {list(_DISCOVERABLE_KEYS)} "
+                "(the arguments of antimemo.metrics.DiscoverableExtraction)"
+            )
+        kwargs = dict(discoverable)
+        try:
+            DiscoverableExtraction(**kwargs)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"{_NAME}(discoverable={discoverable!r}): {error}") from None
+        return kwargs
 
     def _check_probes(self, probes: Any) -> Tensor:
         need = self.probe_length
@@ -680,12 +746,14 @@ class MemorizationMonitor(Callback):
             near_verbatim_threshold=self.near_verbatim_threshold,
             mia_scores=self.mia_scores,
             decode=self.decode,
+            discoverable=self.discoverable,
         )
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         model = self._model(pl_module)
         device = pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
+        decode_now = self._decode_due(trainer)
         modes = _module_modes(pl_module, model)
         rng = _get_rng_state(device.type == "cuda" or _cuda_in_use())
         try:
@@ -700,7 +768,10 @@ class MemorizationMonitor(Callback):
                 shared = mia is not None and self._members_are_probes()
                 # With ``shared``, one pass per chunk gives the greedy suffix *and* the member
                 # MIA log-probs (the members are this rank's probes, the same share).
-                results = scorer.extraction(
+                # Between full decodes (decode_every_n_evaluations), one teacher-forced pass gives
+                # the greedy exact match (and the members' log-probs, and p_z) without decoding.
+                score = scorer.extraction if decode_now else scorer.teacher_forced
+                results = score(
                     model, self.probes[rank::world], device, member_metric=mia if shared else None
                 )
                 if mia is not None:
@@ -721,6 +792,17 @@ class MemorizationMonitor(Callback):
                 module.training = training  # per module: Module.train() would recurse
             _set_rng_state(rng)
         return results
+
+    def _decode_due(self, trainer: pl.Trainer) -> bool:
+        """True when this evaluation runs the full greedy decode: every
+        ``decode_every_n_evaluations``-th evaluation counted from the first (by ``len(history)``,
+        which is checkpointed, so a resumed fit keeps the cadence), and every evaluation in the
+        fit's last epoch (``max_epochs``), so that a fit that runs to its end logs every key of its
+        final model."""
+        if len(self.history) % self.decode_every_n_evaluations == 0:
+            return True
+        max_epochs = getattr(trainer, "max_epochs", None)
+        return isinstance(max_epochs, int) and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
 
     def _members_are_probes(self) -> bool:
         """True when the MIA members are exactly the probes (the usual case: same dataset, seed
