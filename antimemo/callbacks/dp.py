@@ -125,9 +125,16 @@ class DifferentialPrivacy(pl.Callback):
     by ``max_steps``), and training stops (``trainer.should_stop``) before a step would push
     epsilon past ``target_epsilon``.
 
-    **Logged:** ``dp/epsilon`` (at ``delta``) at every epoch end and, after training, in
+    **Logged:** ``dp/epsilon`` (at ``delta``) and ``dp/nonprivate_steps`` (steps before the private
+    start that epsilon does not cover; 0 normally) at every epoch end and, after training, in
     ``trainer.callback_metrics``; :attr:`epsilon` gives the current value, :attr:`noise_multiplier`
-    the sigma in use, :attr:`sample_rate` q, :attr:`delta` the delta.
+    the sigma in use, :attr:`sample_rate` q, :attr:`delta` the delta, and :meth:`guarantee` the
+    whole guarantee (what ``report.json`` stores).
+
+    **Weights change only through the DP step.** Stepping the optimizer ``configure_optimizers``
+    returned other than through the DP optimizer, any other change of a parameter between DP
+    steps (a second optimizer, ``p.data`` writes), and a parameter that becomes trainable after
+    fit start all raise, naming the parameter or optimizer and the fix.
 
     Args:
         noise_multiplier: Gaussian noise std as a multiple of ``max_grad_norm`` (>= 0).
