@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from antimemo._extras import extra_for
 from antimemo.sections import (
     CALLBACK_SECTIONS,
     DEFAULT_DATA_CLASS,
@@ -76,7 +77,12 @@ def describe_error(err: BaseException) -> str:
     """
     import re
 
+    from antimemo._extras import extra_for, missing_extra_message
+
     text = str(err).strip() or type(err).__name__
+    missing = re.search(r"No module named '([\w.]+)'", text)
+    if missing and extra_for(missing.group(1)):
+        return missing_extra_message(missing.group(1), "this config")
     lines = [line for line in text.splitlines() if line.strip()]
     best: tuple[int, int, str] | None = None  # (indent, index, reason)
     for i, line in enumerate(lines):
@@ -262,7 +268,10 @@ def build_cli_class() -> type:
                 try:
                     cls = import_class(path)
                 except ImportError as err:  # an optional extra (e.g. diffusers) is not installed
-                    self._unavailable[name] = f"{path} cannot be imported ({err})"
+                    module = getattr(err, "name", None) or ""
+                    extra = extra_for(module) if module else None
+                    fix = f"pip install 'antimemo[{extra}]'" if extra else "pip install 'antimemo[all]'"
+                    self._unavailable[name] = f"{path} cannot be imported ({err}); install it with {fix}"
                     parser.add_argument(f"--{name}", type=Optional[Any], default=None, help=f"unavailable: {err}")
                     continue
                 parser.add_lightning_class_args(cls, name, subclass_mode=True, required=False)
@@ -289,10 +298,7 @@ def build_cli_class() -> type:
             """Like ``LightningCLI.instantiate_trainer``, but a ``null`` callback section adds nothing."""
             for name, why in self._unavailable.items():
                 if self._get(self.config_init, name) is not None:
-                    raise ImportError(
-                        f"the config turns on the {name!r} section, but {why}; install the extra it needs "
-                        "(pip install 'antimemo[all]'), or set it to null"
-                    )
+                    raise ImportError(f"the config turns on the {name!r} section, but {why}, or set it to null")
             keys = self._parser(self.subcommand).callback_keys
             extra = [self._get(self.config_init, key) for key in keys]
             extra = [cb for cb in extra if cb is not None]

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from antimemo._checks import check_int
+from antimemo._extras import require
 
 __all__ = ["DigitsDataModule", "ImageDataset", "load_digits_images"]
 
@@ -27,7 +28,7 @@ def load_digits_images(image_size: int = 16) -> tuple[torch.Tensor, torch.Tensor
         >>> tuple(x.shape), int(y.max()), 0.0 <= float(x.min()) <= float(x.max()) <= 1.0
         ((1797, 1, 16, 16), 9, True)
     """
-    from sklearn.datasets import load_digits
+    load_digits = require("sklearn.datasets", "load_digits_images (the digits data)").load_digits
 
     check_int("image_size", image_size, 4, "e.g. image_size=16")
     d = load_digits()

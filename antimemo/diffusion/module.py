@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from antimemo._checks import check_int
+from antimemo._extras import require
 
 __all__ = ["DiffusionModule", "DiffusionStep", "LossTermHandle"]
 
@@ -127,7 +128,8 @@ class DiffusionModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        from diffusers import DDPMScheduler, UNet2DModel
+        diffusers = require("diffusers", "DiffusionModule")
+        DDPMScheduler, UNet2DModel = diffusers.DDPMScheduler, diffusers.UNet2DModel
 
         check_int("image_size", image_size, 4, "e.g. image_size=16")
         check_int("in_channels", in_channels, 1, "1 for grey images, 3 for RGB")
