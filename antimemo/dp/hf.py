@@ -218,7 +218,7 @@ def install_batched_position_ids(module: nn.Module) -> list[torch.utils.hooks.Re
             return None
         if len(args) > 5:  # position_ids passed positionally (not how transformers calls it)
             return None
-        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5.x: cache=
         if past is not None and hasattr(past, "get_seq_length") and past.get_seq_length() > 0:
             return None
         ref = kwargs.get("input_ids", args[0] if args else None)
