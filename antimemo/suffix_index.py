@@ -371,19 +371,31 @@ class TokenIndex:
         valid = cols[None, :] < lengths[:, None]
         last = self._stream.shape[0] - 1
 
-        def compare(slots: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            starts = self._sa[slots].astype(np.int64)
-            idx = starts[:, None] + cols[None, :]
+        def first_stop(starts: np.ndarray, rows: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """First column (of ``c``) where suffix and query differ or the query ends, and
+            whether the suffix token there is below the query token."""
+            idx = starts[:, None] + c[None, :]
             np.minimum(idx, last, out=idx)  # the stream ends with a separator: comparison stops there
             window = self._stream[idx]
-            stop = (window != queries[rows]) | ~valid[rows]
-            j = np.where(stop.any(axis=1), stop.argmax(axis=1), m)
-            lcp = np.minimum(j, lengths[rows])
-            jj = np.minimum(j, m - 1)
+            qw = queries[rows[:, None], c[None, :]]
+            stop = (window != qw) | ~valid[rows[:, None], c[None, :]]
+            found = stop.any(axis=1)
+            k = stop.argmax(axis=1)
             r = np.arange(rows.shape[0])
+            less = window[r, k] < qw[r, k]
+            return np.where(found, c[0] + k, m), less
+
+        head = cols[: min(m, 8)]  # most comparisons stop within a few tokens: look there first
+
+        def compare(slots: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            starts = self._sa[slots].astype(np.int64)
+            j, less = first_stop(starts, rows, head)
+            more = np.flatnonzero(j >= head.shape[0]) if head.shape[0] < m else np.zeros(0, dtype=np.int64)
+            if more.size:
+                j[more], less[more] = first_stop(starts[more], rows[more], cols[head.shape[0] :])
+            lcp = np.minimum(j, lengths[rows])
             prefix = j >= lengths[rows]
-            suffix_less = ~prefix & (window[r, jj] < queries[rows, jj])
-            go_right = suffix_less | (prefix & upper)
+            go_right = (~prefix & less) | (prefix & upper)
             return go_right, lcp
 
         for _ in range(max(1, int(size).bit_length())):
