@@ -4,6 +4,8 @@
 - :class:`DiscoverableExtraction`: greedy exact match and (n, p)-discoverable rate (sampling
   probability of the true suffix) from one teacher-forced pass.
 - :class:`CanaryExposure`: Secret Sharer exposure of inserted canaries (rank and skew-normal).
+- :class:`UntargetedExtraction`: training spans found verbatim (suffix array) and nv-recall in
+  free generations.
 - :class:`MembershipInference`: ROC AUC and TPR@FPR of loss, zlib, Min-K% and Min-K%++ attacks.
 - :class:`ReplicaRate`, :class:`GenerationDiversity`, :class:`FeatureFrechetDistance`: image
   replication, diversity and fidelity of generated images (diffusion).
@@ -16,6 +18,7 @@ from antimemo.metrics.exposure import CanaryExposure
 from antimemo.metrics.extraction import ExtractableMemorization
 from antimemo.metrics.membership import MembershipInference
 from antimemo.metrics.replica import FeatureFrechetDistance, GenerationDiversity, ReplicaRate
+from antimemo.metrics.untargeted import UntargetedExtraction
 
 __all__ = [
     "CanaryExposure",
@@ -25,4 +28,5 @@ __all__ = [
     "GenerationDiversity",
     "MembershipInference",
     "ReplicaRate",
+    "UntargetedExtraction",
 ]
