@@ -1,0 +1,199 @@
+"""Green-list watermark detectability on the byte-level LM recipe (vocabulary 257), and its cost.
+
+Setup (everything offline and seeded):
+
+1. Data: ``TextDataModule(seq_len=64, num_train=None, num_holdout=512, seed=0)`` over the embedded
+   corpus (CPython's help texts): all distinct 64-byte rows not held out are the training split,
+   the 512 held-out rows are "real human text" for the false-positive rate.
+2. Model: the LM recipe's ``CausalLMModule`` (``recipes/lm_goldfish.yaml``: hidden 128, 2 layers,
+   4 heads, MLP 512, 0.6M parameters), trained here with AdamW (lr 2e-3, batch 32) for
+   ``--train-steps`` steps on the training split (a plain torch loop, no callback). Its held-out
+   loss is reported. ``--untrained`` uses the randomly initialised model instead.
+3. Generation: for each ``(gamma, delta)``, ``--n`` sequences of 64 new tokens sampled at
+   temperature 1 (no top-k / top-p) after a 16-byte prompt (the first 16 bytes of held-out rows),
+   with :class:`antimemo.watermark.GreenListProcessor` (``context_width=1``, key 15485863); the
+   same prompts and sampling seed without the processor give the null (unwatermarked) generations.
+4. Detection: :func:`antimemo.watermark.detect_watermark` on the last prompt token + the 64
+   generated tokens (64 scored positions); on the held-out rows, 63 scored positions each.
+
+Reported per ``(gamma, delta)``: TPR at the analytic 1% FPR threshold (z > 2.326), the measured
+FPR at that threshold on the held-out text and on the null generations, TPR at the empirical 1%
+FPR threshold of the held-out text, TPR at z > 4, the mean green fraction of watermarked text,
+and the mean per-token NLL of the watermarked samples under the model *without* the bias (how far
+the watermark pushes the text away from what the model would write; the null samples give the
+baseline) and the model's mean next-token entropy (low entropy = little room to watermark).
+
+``--quality``: the cost of training on watermarked text. Two fresh recipe models are trained for
+``--quality-steps`` steps on ``--quality-n`` generated sequences each (80 bytes: prompt + 64 new, prompts from the training
+split),
+one set sampled with the watermark (gamma 0.25, delta 2) and one without, from the trained model;
+their loss on the real held-out rows is compared.
+
+Run: ``python benchmarks/watermark_bench.py`` (CPU, one torch thread: about 2.5 minutes on a
+busy shared 2-core machine; ``--quality`` adds about 2.5 minutes). ``--json PATH`` writes the
+figures. The results are in docs/collapse.md, "Watermark".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from antimemo.lm.data import TextDataModule  # noqa: E402
+from antimemo.lm.module import CausalLMModule  # noqa: E402
+from antimemo.watermark import GreenListProcessor, detect_watermark  # noqa: E402
+
+KEY = 15485863
+PROMPT, NEW = 16, 64
+Z_1PCT = 2.3263478740408408  # one-sided 1% quantile of N(0, 1)
+RECIPE = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, max_position_embeddings=128)
+
+
+def train(model: torch.nn.Module, rows: torch.Tensor, steps: int, seed: int, batch_size: int = 32) -> None:
+    """AdamW on random batches of ``rows`` (seeded), the model's own causal LM loss."""
+    if steps == 0:
+        return
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:  # linear warm-up 20 steps, then cosine to 10%
+            warm = min(1.0, (step + 1) / 20)
+            group["lr"] = 2e-3 * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        batch = rows[torch.randint(0, rows.shape[0], (batch_size,), generator=g)]
+        loss = model(input_ids=batch, labels=batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, rows: torch.Tensor) -> float:
+    model.eval()
+    losses = [float(model(input_ids=c, labels=c).loss) for c in rows.split(128)]
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def sample(model, prompts: torch.Tensor, new: int, proc: GreenListProcessor | None, seed: int):
+    """Temperature-1 sampling with a KV cache; returns (ids, mean NLL of the samples under the
+    unbiased model, mean next-token entropy of the unbiased model)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = prompts
+    out = model(input_ids=ids, use_cache=True)
+    nll, ent = torch.zeros(prompts.shape[0], dtype=torch.float64), 0.0
+    for _ in range(new):
+        logits = out.logits[:, -1].float()
+        logp = torch.log_softmax(logits, -1)
+        ent += float(-(logp.exp() * logp).sum(-1).mean())
+        biased = logits if proc is None else proc(ids, logits)
+        nxt = torch.multinomial(torch.softmax(biased, -1), 1, generator=gen)
+        nll -= logp.gather(1, nxt)[:, 0].double()
+        ids = torch.cat([ids, nxt], dim=1)
+        out = model(input_ids=nxt, cache=out.cache, use_cache=True)
+    return ids, float(nll.mean()) / new, ent / new
+
+
+def detection(generated: torch.Tensor, gamma: float) -> torch.Tensor:
+    """z-scores of the 64 new tokens (the last prompt token is their first context)."""
+    z, _ = detect_watermark(generated[:, PROMPT - 1 :], gamma=gamma, key=KEY)
+    return z
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train-steps", type=int, default=400)
+    parser.add_argument("--untrained", action="store_true", help="use the randomly initialised model")
+    parser.add_argument("--n", type=int, default=256, help="generated sequences per configuration")
+    parser.add_argument("--gammas", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--deltas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--quality", action="store_true", help="also measure the cost of training on watermarked text")
+    parser.add_argument("--quality-n", type=int, default=1024)
+    parser.add_argument("--quality-steps", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (more threads thrash on a shared CPU)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+
+    train_rows, held = TextDataModule(seq_len=64, num_train=None, num_holdout=512, seed=0).build_split()
+    model = CausalLMModule(**RECIPE, seed=0).model
+    steps = 0 if args.untrained else args.train_steps
+    train(model, train_rows, steps, seed=0)
+    result: dict = {
+        "model": "untrained recipe model" if args.untrained else f"recipe model trained {steps} steps (batch 32)",
+        "heldout_loss": heldout_loss(model, held),
+        "n": args.n,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "configs": [],
+    }
+    print(f"{result['model']}: held-out loss {result['heldout_loss']:.3f} nats/byte ({time.perf_counter() - t0:.0f}s)")
+
+    prompts = held[torch.arange(args.n) % held.shape[0], :PROMPT]
+    plain, nll_plain, entropy = sample(model, prompts, NEW, None, seed=1)
+    result["null_nll"], result["entropy"] = nll_plain, entropy
+    print(f"unwatermarked samples: NLL {nll_plain:.3f} nats/token, model entropy {entropy:.3f} nats/token")
+    header = "gamma delta | TPR@z>2.33 FPR_heldout FPR_null | TPR@emp.1%(held-out) TPR@z>4 | green  NLL"
+    print(header)
+    for gamma in args.gammas:
+        z_held, _ = detect_watermark(held, gamma=gamma, key=KEY)
+        z_null = detection(plain, gamma)
+        emp = float(torch.quantile(z_held, 0.99))
+        for delta in args.deltas:
+            proc = GreenListProcessor(gamma, delta, KEY, vocab_size=257)
+            marked, nll, _ = sample(model, prompts, NEW, proc, seed=1)
+            z = detection(marked, gamma)
+            green = float((z * math.sqrt(NEW * gamma * (1 - gamma)) + gamma * NEW).mean() / NEW)
+            row = {
+                "gamma": gamma,
+                "delta": delta,
+                "tpr_at_z2.33": float((z > Z_1PCT).double().mean()),
+                "fpr_heldout_at_z2.33": float((z_held > Z_1PCT).double().mean()),
+                "fpr_null_at_z2.33": float((z_null > Z_1PCT).double().mean()),
+                "heldout_z99": emp,
+                "tpr_at_heldout_1pct": float((z > emp).double().mean()),
+                "tpr_at_z4": float((z > 4).double().mean()),
+                "fpr_heldout_at_z4": float((z_held > 4).double().mean()),
+                "mean_z": float(z.mean()),
+                "green_fraction": green,
+                "nll": nll,
+            }
+            result["configs"].append(row)
+            print(
+                f"{gamma:5.2f} {delta:5.1f} | {row['tpr_at_z2.33']:10.3f} {row['fpr_heldout_at_z2.33']:11.3f} "
+                f"{row['fpr_null_at_z2.33']:8.3f} | {row['tpr_at_heldout_1pct']:20.3f} {row['tpr_at_z4']:7.3f} | "
+                f"{green:.3f} {nll:.3f}"
+            )
+
+    if args.quality:
+        qprompts = train_rows[torch.randperm(train_rows.shape[0], generator=torch.Generator().manual_seed(2))[: args.quality_n], :PROMPT]
+        proc = GreenListProcessor(0.25, 2.0, KEY, vocab_size=257)
+        quality = {"n": args.quality_n, "steps": args.quality_steps, "gamma": 0.25, "delta": 2.0}
+        for name, p in (("unwatermarked", None), ("watermarked", proc)):
+            synthetic, _, _ = sample(model, qprompts, NEW, p, seed=3)
+            student = CausalLMModule(**RECIPE, seed=1).model
+            train(student, synthetic, args.quality_steps, seed=4)
+            quality[f"heldout_loss_{name}"] = heldout_loss(student, held)
+            print(f"student trained on {name} synthetic data: real held-out loss {quality[f'heldout_loss_{name}']:.4f}")
+        result["quality"] = quality
+    result["seconds"] = time.perf_counter() - t0
+    print(f"total {result['seconds']:.0f}s")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
