@@ -21,7 +21,12 @@ Measurements, each against its alternative in the same run (interleaved, median)
    ``monitor`` (``MemorizationMonitor`` at its default cadence, every epoch, with
    ``holdout="val"``), ``monitor_separate`` (the same with the old separate pass) and
    ``monitor_recipe`` (the recipe's cadence, ``monitor.every_n_epochs`` in the yaml) and
-   ``monitor_default`` (``MemorizationMonitor()`` with its own defaults: every epoch, no MIA).
+   ``monitor_default`` (``MemorizationMonitor()`` with its own defaults: every epoch, no MIA,
+   the full greedy decode every ``decode_every_n_evaluations`` = 5 evaluations and in the last
+   epoch, the teacher-forced fast path at the others), ``monitor_decode_all``
+   (``MemorizationMonitor(decode_every_n_evaluations=1)``: decoding at every evaluation, the
+   defaults before the fast path) and ``monitor_discoverable``
+   (``MemorizationMonitor(discoverable=True)``: the defaults plus the probabilistic keys).
    Target: monitor cost <= 10% of training time. Runs with a monitor also report the monitor's
    own timing (``MemorizationMonitor.evaluation_seconds``) as a share of the rest of the fit,
    which is not subject to run-to-run noise the way a difference of two fits is.
@@ -214,6 +219,23 @@ def monitor_level(model_kw, data_kw, monitor_kw, device: torch.device, reps: int
         # what MemorizationMonitor() with its own defaults does per evaluation (no MIA)
         greedy_generate(module.model, probes[:, :prefix], probes.shape[1] - prefix, batch_size=default_batch)
 
+    from antimemo.probes import ProbeScorer
+
+    fast = ProbeScorer(prefix_length=prefix, suffix_length=probes.shape[1] - prefix, batch_size=default_batch)
+    fast_discoverable = ProbeScorer(
+        prefix_length=prefix, suffix_length=probes.shape[1] - prefix, batch_size=default_batch, discoverable={}
+    )
+
+    def fast_path():
+        # a MemorizationMonitor() evaluation between decodes: one teacher-forced pass, exact match
+        with torch.inference_mode():
+            fast.teacher_forced(module.model, probes.cpu(), device)
+
+    def fast_path_discoverable():
+        # the same with discoverable=True: reproduced length and (n, p)-discoverable rates too
+        with torch.inference_mode():
+            fast_discoverable.teacher_forced(module.model, probes.cpu(), device)
+
     def teacher_forced():
         # the floor: one forward over every whole probe, i.e. generation at teacher-forced speed
         with torch.no_grad():
@@ -222,7 +244,12 @@ def monitor_level(model_kw, data_kw, monitor_kw, device: torch.device, reps: int
 
     module.eval()
     fns = {name: (lambda m=m: m._evaluate(trainer, module)) for name, m in monitors.items()}
-    fns.update(generate_default=generate_default, teacher_forced=teacher_forced)
+    fns.update(
+        generate_default=generate_default,
+        teacher_forced=teacher_forced,
+        fast_path=fast_path,
+        fast_path_discoverable=fast_path_discoverable,
+    )
     timings = _interleaved_medians(fns, device, reps, warmup=1)
     out = {
         "num_probes": int(monitors["shared"].probes.shape[0]),
@@ -238,6 +265,10 @@ def monitor_level(model_kw, data_kw, monitor_kw, device: torch.device, reps: int
         "teacher_forced_s": timings["teacher_forced"],
         "teacher_forced_in_steps": timings["teacher_forced"] / step_s,
         "generate_over_teacher_forced": timings["generate_default"] / timings["teacher_forced"],
+        "fast_path_s": timings["fast_path"],
+        "fast_path_in_steps": timings["fast_path"] / step_s,
+        "fast_path_discoverable_s": timings["fast_path_discoverable"],
+        "fast_path_discoverable_in_steps": timings["fast_path_discoverable"] / step_s,
         "max_abs_result_difference": max(
             abs(results["shared"][key] - results["separate"][key]) for key in results["shared"]
         ),
@@ -268,6 +299,10 @@ def _fit_once(
     elif config == "monitor_default":  # MemorizationMonitor() as constructed with its own defaults:
         # 64 probes, batch 32, every epoch, holdout=None (no MIA scoring)
         callbacks.append(MemorizationMonitor())
+    elif config == "monitor_decode_all":  # the defaults before the fast path: decode every evaluation
+        callbacks.append(MemorizationMonitor(decode_every_n_evaluations=1))
+    elif config == "monitor_discoverable":  # the defaults plus the probabilistic extraction keys
+        callbacks.append(MemorizationMonitor(discoverable=True))
     elif config == "monitor_recipe":  # the recipe's cadence (monitor.every_n_epochs in the yaml)
         callbacks.append(MemorizationMonitor(**{"holdout": "val", **monitor_kw}))
     trainer = pl.Trainer(
@@ -388,7 +423,10 @@ def main() -> None:
             f"{m['generate_default_s']:.3f} s = {m['generate_default_in_steps']:.2f} training steps\n"
             f"  floor, one teacher-forced forward over every probe: {m['teacher_forced_s']:.3f} s = "
             f"{m['teacher_forced_in_steps']:.2f} training steps (generation / floor = "
-            f"{m['generate_over_teacher_forced']:.1f}x)"
+            f"{m['generate_over_teacher_forced']:.1f}x)\n"
+            f"  fast path (MemorizationMonitor() between decodes: teacher-forced exact match): "
+            f"{m['fast_path_s']:.3f} s = {m['fast_path_in_steps']:.2f} training steps; with discoverable=True "
+            f"{m['fast_path_discoverable_s']:.3f} s = {m['fast_path_discoverable_in_steps']:.2f} steps"
         )
     if not args.skip_runs:
         configs = [c for c in args.configs.split(",") if c]
