@@ -8,8 +8,10 @@ Public as ``antimemo.cli.AntimemoCLI``. It lives here, below :mod:`antimemo.cli`
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -200,6 +202,55 @@ def import_class(path: str) -> type:
 
 
 
+#: Lightning console lines that are noise for an ``antimemo`` user (dropped by :func:`quiet_console`).
+NOISE_PREFIXES = (
+    "\N{ELECTRIC LIGHT BULB} Tip:",  # litlogger / litmodels advertisements
+    "Seed set to",  # printed again by every parse of a config (ablate --dry_run printed it 5 times)
+    "GPU available: False",
+    "TPU available: False",
+    "HPU available: False",
+    "Loading `train_dataloader` to estimate number of stepping batches",
+)
+#: Warnings from libraries that the user can do nothing about.
+NOISE_WARNINGS = (
+    r".*`tensorboardX` has been removed as a dependency.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+class _NoiseFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith(NOISE_PREFIXES)
+
+
+def quiet_console() -> None:
+    """Drop Lightning's tips, CPU-only accelerator lines, repeated seed lines and library warnings
+    the user cannot act on, from the console of the ``antimemo`` verbs (idempotent).
+
+    Lightning's own progress bar, warnings about the user's setup and errors are kept. It acts on
+    the handlers Lightning attaches to its ``lightning.pytorch`` / ``lightning.fabric`` loggers and
+    on Python warnings, so it is only called by the CLI, never on import.
+
+    Example:
+        >>> quiet_console()
+        >>> import logging
+        >>> logging.getLogger("lightning.fabric.utilities.seed").info("Seed set to 0")  # dropped
+    """
+    import lightning.pytorch  # noqa: F401  (attaches Lightning's console handlers)
+
+    # the loggers that emit these lines (a logger's filter sees its own records, wherever they are
+    # handled), and the console handlers Lightning attaches when the root logger has none
+    emitters = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed")
+    targets: list[Any] = [logging.getLogger(name) for name in emitters]
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        targets.extend(logging.getLogger(name).handlers)
+    for target in targets:
+        if not any(isinstance(f, _NoiseFilter) for f in target.filters):
+            target.addFilter(_NoiseFilter())
+    for pattern in NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def build_cli_class() -> type:
     """Define :class:`AntimemoCLI` lazily so that ``antimemo --help`` does not import Lightning."""
     import lightning.pytorch as pl
@@ -208,6 +259,7 @@ def build_cli_class() -> type:
     from antimemo.report import REPORT_FILENAME, build_report, format_report, write_report
 
     _enforce_import_policy()
+    quiet_console()
 
     class _ValLossTracker(pl.Callback):
         """Remembers the lowest ``val_loss`` seen while fitting (read-only, logs nothing)."""
