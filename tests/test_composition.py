@@ -13,7 +13,8 @@ must still show when paired:
   run without it (under DP too: that is where it used to be silently dropped);
 - example_tied_dropout: the hooked MLP's training outputs are masked;
 - monitor: it evaluated and logged memorization/exact_match;
-- budget: it moved its knob (its partner's knob when the partner has one, else goldfish's).
+- budget: it moved its knob (its partner's knob when the partner has one, else goldfish's);
+- watermark (WatermarkFilter, policy='drop'): the 4 watermarked rows are never trained on.
 """
 
 from __future__ import annotations
@@ -39,31 +40,47 @@ from antimemo.callbacks import (
     MemorizationBudget,
     MemorizationMonitor,
     SpectralNormPenalty,
+    WatermarkFilter,
     WithExampleIds,
 )
 from antimemo.callbacks._interactions import CompositionError, declared_callbacks, refusal
 from antimemo.callbacks._seams import grad_seam
 from antimemo.functional import goldfish_mask
+from antimemo.watermark import GreenListProcessor
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*clips per-sample gradients but adds no noise.*")
 
 VOCAB, LENGTH = 48, 12
-LM = ("goldfish", "dedup", "dp", "loss_floor", "loss_truncation", "spectral_norm", "example_tied_dropout", "monitor", "budget")
-REFUSED = {frozenset({"dp", "loss_truncation"})}
+LM = ("goldfish", "dedup", "dp", "loss_floor", "loss_truncation", "spectral_norm", "example_tied_dropout", "monitor", "budget",
+      "watermark")  # fmt: skip
+REFUSED = {frozenset({"dp", "loss_truncation"}), frozenset({"dedup", "watermark"})}
+WM = {"gamma": 0.25, "key": 7}
 KNOBS = {"goldfish": "goldfish.k", "loss_floor": "loss_floor.floor", "loss_truncation": "loss_truncation.c",
          "spectral_norm": "spectral_norm.lam", "example_tied_dropout": "example_tied_dropout.p_fixed"}  # fmt: skip
+
+
+def _watermarked_row(g):
+    """A row sampled with the green-list processor at a huge delta: every scored token is green."""
+    processor = GreenListProcessor(delta=50.0, vocab_size=VOCAB, **WM)
+    ids = torch.randint(0, VOCAB, (1, 1), generator=g)
+    while ids.shape[1] < LENGTH:
+        probs = processor(ids, torch.zeros(1, VOCAB)).softmax(-1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g)], dim=1)
+    return {"input_ids": ids[0]}
 
 
 def _rows():
     g = torch.Generator().manual_seed(7)
     rows = [{"input_ids": torch.randint(0, VOCAB, (LENGTH,), generator=g)} for _ in range(12)]
     rows += [{"input_ids": rows[i]["input_ids"].clone()} for i in (0, 1, 2, 3)]  # rows 12..15 copy rows 0..3
+    rows += [_watermarked_row(g) for _ in range(4)]  # rows 16..19 carry the watermark
     return WithExampleIds(rows)
 
 
 TRAIN = _rows()
-KEPT = set(range(12))  # DedupSampling(policy="drop") keeps the first copy of each cluster
+KEPT = set(range(12)) | set(range(16, 20))  # DedupSampling(policy="drop") keeps the first copy of each cluster
+WATERMARKED = set(range(16, 20))
 VAL = [{"input_ids": r["input_ids"]} for r in WithExampleIds(_rows().dataset[:4])]
 
 
@@ -149,6 +166,8 @@ def _member(name, partner=None):
         return [ExampleTiedDropout(p_fixed=0.5, p_mem=0.1)]
     if name == "monitor":
         return [MemorizationMonitor(num_probes=4, prefix_length=4, suffix_length=4, batch_size=4)]
+    if name == "watermark":
+        return [WatermarkFilter(policy="drop", **WM)]
     if name == "budget":
         # relax_below=1 with max_value=1: every evaluation (figure < 1) relaxes the knob one step
         control = KNOBS.get(partner, "goldfish.k")
@@ -217,6 +236,11 @@ def _check_effect(name, trainer, module, rec, partner):
     elif name == "monitor":
         monitor = _get(trainer, MemorizationMonitor)
         assert monitor.history and "memorization/exact_match" in trainer.callback_metrics
+    elif name == "watermark":
+        wf = _get(trainer, WatermarkFilter)
+        assert set(wf.kept_indices) == set(range(20)) - WATERMARKED  # the detector flags exactly the planted rows
+        seen = set(rec.example_ids)
+        assert seen and not seen & WATERMARKED, f"trained on watermarked rows {sorted(seen & WATERMARKED)}"
     elif name == "budget":
         budget = _get(trainer, MemorizationBudget)
         assert any(old != new for _, _, old, new in budget.history), budget.history

@@ -79,6 +79,24 @@ def _dp_dedup(dp: Any, dedup: Any) -> str | None:
     )
 
 
+def _dp_watermark(dp: Any, wf: Any) -> str | None:
+    if getattr(wf, "policy", None) != "downweight":
+        return None
+    return (
+        "policy='downweight' samples items with replacement at unequal rates, but the DP accountant assumes "
+        "Poisson sampling of every example at one rate q, so the reported epsilon would be wrong. Fix: "
+        "WatermarkFilter(policy='drop') (DP then Poisson-samples the kept items)"
+    )
+
+
+def _dedup_watermark(dedup: Any, wf: Any) -> str:
+    return (
+        "WatermarkFilter would rebuild the train loader over a subset and discard DedupSampling's sampler (its "
+        "epoch order and resumption state). Fix: remove the watermarked items from the dataset first "
+        "(antimemo.watermark.detect_watermark), then deduplicate what is left"
+    )
+
+
 def _budget_target(budget: Any) -> str:
     try:
         return budget._class_name(budget.target_name)
@@ -110,6 +128,8 @@ REFUSALS: dict[frozenset[str], Rule] = {
     frozenset({"DifferentialPrivacy", "LossTruncation"}): _dp_truncation,
     frozenset({"DifferentialPrivacy", "DedupSampling"}): _dp_dedup,
     frozenset({"DifferentialPrivacy", "MemorizationBudget"}): _budget_dp,
+    frozenset({"DifferentialPrivacy", "WatermarkFilter"}): _dp_watermark,
+    frozenset({"DedupSampling", "WatermarkFilter"}): _dedup_watermark,
     **{
         frozenset({"DifferentialPrivacy", name}): _dp_diffusion
         for name in ("ReplicaMonitor", "ConditioningNoise", "LabelRandomization", "ReplicaPenalty")
@@ -122,7 +142,7 @@ def declared_callbacks(callbacks: Any) -> list[Any]:
     return [cb for cb in callbacks if isinstance(getattr(type(cb), "declaration", None), Declaration)]
 
 
-_FIRST = ("MemorizationBudget", "DifferentialPrivacy")  # the rules take (budget, dp), (dp, other)
+_FIRST = ("MemorizationBudget", "DifferentialPrivacy", "DedupSampling")  # rules take (budget, dp), (dp, other), (dedup, wf)
 
 
 def _ordered(a: Any, b: Any, names: frozenset[str]) -> tuple[Any, Any]:
