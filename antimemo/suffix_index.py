@@ -43,7 +43,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -477,8 +477,8 @@ class TokenIndex:
 
         Args:
             span: 1-D token sequence.
-            limit: return at most this many (the first in ``(document, offset)`` order among an
-                arbitrary ``limit`` found); ``None`` returns all.
+            limit: read at most this many occurrences (in suffix-array order, so not necessarily
+                the first documents) before sorting them; ``None`` returns all.
 
         Example:
             >>> TokenIndex.build([[7, 8], [0, 7, 8]], progress=False).find([7, 8])
