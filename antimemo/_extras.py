@@ -19,6 +19,7 @@ EXTRAS: dict[str, str] = {
     "faiss": "dedup",
     "opacus": "dp",
     "datasketch": "bench",
+    "pydivsufsort": "extraction",
 }
 
 

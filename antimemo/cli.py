@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from antimemo._fit_cli import RUN_PHASE_ATTR, describe_error
+from antimemo._flags import canonical_flags
 from antimemo._fit_cli import cli_class as _cli_class
 from antimemo.sections import CALLBACK_SECTIONS
 
@@ -101,7 +102,7 @@ def _dedup_verb(argv: list[str]) -> int:
 
     parser = _Parser(prog="antimemo dedup", description="build a duplicate index and print its summary")
     dedup_cli.add_arguments(parser)
-    return dedup_cli.run(parser.parse_args(argv))
+    return dedup_cli.run(parser.parse_args(canonical_flags(parser, argv)))
 
 
 #: Registered verbs, in the order ``antimemo --help`` lists them.

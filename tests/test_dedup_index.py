@@ -264,7 +264,7 @@ def test_cli_text_file(tmp_path, capsys):
     src = tmp_path / "corpus.txt"
     src.write_text("\n".join(TEXTS) + "\n")
     out = tmp_path / "index.npz"
-    assert _run([str(src), "--out", str(out), "--no-progress"]) == 0
+    assert _run([str(src), "--out", str(out), "--no_progress"]) == 0
     printed = capsys.readouterr().out
     assert "examples: 6" in printed and "clusters: 3" in printed and "duplicate fraction: 0.5000" in printed
     assert "cluster 0: size 3, examples [0, 1, 3]" in printed
@@ -278,7 +278,7 @@ def test_cli_jsonl_tokens_and_json_output(tmp_path, capsys):
     src = tmp_path / "tokens.jsonl"
     rows = [{"input_ids": [1, 2, 3, 4, 5, 6]}, {"input_ids": [9, 9, 9]}, {"input_ids": [1, 2, 3, 4, 5, 6]}]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert _run([str(src), "--out", str(tmp_path / "i.npz"), "--no-progress", "--json"]) == 0
+    assert _run([str(src), "--out", str(tmp_path / "i.npz"), "--no_progress", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["kind"] == "tokens" and summary["examples"] == 3 and summary["clusters"] == 2
 
@@ -294,7 +294,7 @@ def test_cli_jsonl_tokens_and_json_output(tmp_path, capsys):
 def test_cli_recipe(tmp_path, capsys, data_section):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("seed_everything: 0\n" + data_section)
-    assert _run([str(recipe), "--out", str(tmp_path / "r.npz"), "--no-progress"]) == 0
+    assert _run([str(recipe), "--out", str(tmp_path / "r.npz"), "--no_progress"]) == 0
     assert "kind: tokens" in capsys.readouterr().out
     from antimemo.lm.data import TextDataModule
 

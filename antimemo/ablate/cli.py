@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from antimemo._flags import canonical_flags
+
 __all__ = ["add_arguments", "build_parser", "main", "report", "run"]
 
 
@@ -259,7 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in argv:
         cut = argv.index("--")
         argv, overrides = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(canonical_flags(parser, sys.argv[1:] if argv is None else list(argv)))
     return run(args, overrides)
 
 

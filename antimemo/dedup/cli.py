@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from antimemo._flags import canonical_flags
 from antimemo.sections import DEFAULT_DATA_CLASS, import_recipe_class
 
 __all__ = ["add_arguments", "load_source", "main", "run"]
@@ -55,13 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--threshold", type=float, default=None,
                         help="Jaccard threshold for text/tokens (default 0.8) or cosine threshold for images (0.95)")
     parser.add_argument("--ngram", type=int, default=5, help="words or tokens per shingle (default 5)")
-    parser.add_argument("--num-perm", type=int, default=128, help="MinHash permutations (default 128)")
+    parser.add_argument("--num_perm", type=int, default=128, help="MinHash permutations (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MinHash permutations (default 0)")
-    parser.add_argument("--num-workers", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--chunk-size", type=int, default=2048, help="examples per chunk (default 2048)")
-    parser.add_argument("--top-k", type=int, default=5, help="largest clusters to print (default 5)")
+    parser.add_argument("--num_workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--chunk_size", type=int, default=2048, help="examples per chunk (default 2048)")
+    parser.add_argument("--top_k", type=int, default=5, help="largest clusters to print (default 5)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--no_progress", action="store_true", help="hide progress bars")
     return parser
 
 
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         >>> import tempfile
         >>> d = Path(tempfile.mkdtemp()); _ = (d / "t.txt").write_text("a b\\nA  B\\nc\\n")
         >>> p = add_arguments(argparse.ArgumentParser())
-        >>> run(p.parse_args([str(d / "t.txt"), "--out", str(d / "i.npz"), "--no-progress", "--json"]))  # doctest: +ELLIPSIS
+        >>> run(p.parse_args([str(d / "t.txt"), "--out", str(d / "i.npz"), "--no_progress", "--json"]))  # doctest: +ELLIPSIS
         {...}
         0
     """
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         The exit code.
     """
     parser = add_arguments(argparse.ArgumentParser(prog="antimemo dedup"))
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(canonical_flags(parser, sys.argv[1:] if argv is None else argv)))
 
 
 if __name__ == "__main__":
