@@ -34,6 +34,7 @@ LOWER = (
     "antimemo._faiss",
     "antimemo._pixels",
     "antimemo.probes",
+    "antimemo.probes_untargeted",
     "antimemo._atomic",
     "antimemo.watermark",
     "antimemo.suffix_index",

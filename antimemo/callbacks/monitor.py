@@ -44,6 +44,7 @@ from antimemo.probes import is_map_dataset as _is_map_dataset
 from antimemo.probes import module_modes as _module_modes
 from antimemo.probes import set_rng_state as _set_rng_state
 from antimemo.callbacks._interactions import declare
+from antimemo.probes_untargeted import UntargetedConfig, UntargetedEvaluator
 
 __all__ = ["MemorizationMonitor"]
 
@@ -98,8 +99,13 @@ def _silence_epoch_sync_warning(name: str) -> None:
 
 
 def _evaluation_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
-    """True at the end of a real fitting validation (not the sanity check) of an evaluation epoch."""
-    if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+    """True at the end of a real fitting validation (not the sanity check) of an evaluation epoch,
+    and at the end of every ``trainer.validate(...)`` (an audit of a finished model)."""
+    if trainer.sanity_checking:
+        return False
+    if trainer.state.fn == TrainerFn.VALIDATING:
+        return True
+    if trainer.state.fn != TrainerFn.FITTING:
         return False
     return (trainer.current_epoch + 1) % every_n_epochs == 0
 
@@ -291,6 +297,7 @@ class MemorizationMonitor(Callback):
         min_distinct_suffix_tokens: int = 1,
         decode_every_n_evaluations: int = DECODE_EVERY_N_EVALUATIONS,
         discoverable: bool | Mapping[str, Any] = False,
+        untargeted: bool | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.num_probes = check_int("num_probes", num_probes, 1, "e.g. num_probes=64")
@@ -383,6 +390,8 @@ class MemorizationMonitor(Callback):
             "match from one teacher-forced pass at the others",
         )
         self.discoverable = self._check_discoverable(discoverable)
+        self.untargeted = UntargetedConfig.from_argument(untargeted)
+        self._untargeted_eval: UntargetedEvaluator | None = None
 
         self._explicit_probes = probes is not None
         self.probes: Tensor | None = self._check_probes(probes) if probes is not None else None
@@ -567,7 +576,35 @@ class MemorizationMonitor(Callback):
                 f"{_NAME} has {self.probes.shape[0]} probes for {trainer.world_size} processes; "
                 f"every rank needs at least one probe: use num_probes >= {trainer.world_size}"
             )
+        self._prepare_untargeted(trainer, pl_module)
         self._cost.start()
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """In ``trainer.validate(...)`` (an audit), draw the probes from the datamodule's training set."""
+        if trainer.state.fn != TrainerFn.VALIDATING:
+            return
+        self._model(pl_module)
+        rng = _get_rng_state(_cuda_in_use())
+        try:
+            if self.probes is None or self.probe_indices is not None:
+                self._prepare_probes(trainer)
+            if self.holdout is not None:
+                self._prepare_mia(trainer)
+        finally:
+            _set_rng_state(rng)
+        self._prepare_untargeted(trainer, pl_module)
+
+    def _prepare_untargeted(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.untargeted is None or self._untargeted_eval is not None:
+            return
+        if _is_val(self.holdout) and trainer.val_dataloaders is None:
+            return  # holdout="val" before the val loader exists: prepared at the first evaluation
+        holdout = None if self.holdout is None else self._mia_sources(trainer)[1]
+        config = getattr(self._model(pl_module), "config", None)
+        self._untargeted_eval = UntargetedEvaluator(
+            self.untargeted, self._train_dataset(trainer), holdout, key=self.input_ids_key,
+            bos_id=getattr(config, "bos_token_id", None),
+        )  # fmt: skip
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Evaluate and log, unless sanity checking, not fitting, or not an evaluation epoch."""
@@ -575,11 +612,13 @@ class MemorizationMonitor(Callback):
             return
         if self.probes is None:
             raise RuntimeError(
-                f"{_NAME} has no probes: on_train_start did not run. Pass the callback to the "
+                f"{_NAME} has no probes: neither on_train_start nor (in trainer.validate) on_validation_start ran. Pass the callback to the "
                 "Trainer before trainer.fit(...)"
             )
         began = self._cost.clock()
         _log_and_record(self, trainer, pl_module, self._evaluate(trainer, pl_module))
+        if trainer.state.fn != TrainerFn.FITTING:
+            return  # an audit: no fit whose time the evaluation shares
         message = self._cost.evaluated(began, self.every_n_epochs)
         if message is not None:
             rank_zero_warn(message, category=UserWarning)
@@ -622,6 +661,16 @@ class MemorizationMonitor(Callback):
     # -------------------------------------------------------------------- drawing
 
     def _train_dataset(self, trainer: pl.Trainer) -> Any:
+        datamodule = getattr(trainer, "datamodule", None)
+        if trainer.train_dataloader is None and trainer.state.fn == TrainerFn.VALIDATING and datamodule is not None:
+            # an audit (trainer.validate): the datamodule's training set, in the order fit would see it
+            if getattr(datamodule, "train_dataset", None) is None:
+                datamodule.setup("fit")
+            return _loader_dataset(
+                datamodule.train_dataloader(),
+                "datamodule's training dataloader",
+                "pass probes= (and, for MIA, holdout={'members': ..., 'non_members': ...})",
+            )
         return _loader_dataset(
             trainer.train_dataloader,
             "training dataloader",
@@ -774,6 +823,10 @@ class MemorizationMonitor(Callback):
                 results = score(
                     model, self.probes[rank::world], device, member_metric=mia if shared else None
                 )
+                if self.untargeted is not None and self._untargeted_eval is None:
+                    self._prepare_untargeted(trainer, pl_module)
+                if self._untargeted_eval is not None:
+                    results.update(self._untargeted_eval.evaluate(model, device, rank, world))
                 if mia is not None:
                     results.update(
                         scorer.membership(
@@ -798,7 +851,9 @@ class MemorizationMonitor(Callback):
         ``decode_every_n_evaluations``-th evaluation counted from the first (by ``len(history)``,
         which is checkpointed, so a resumed fit keeps the cadence), and every evaluation in the
         fit's last epoch (``max_epochs``), so that a fit that runs to its end logs every key of its
-        final model."""
+        final model. An audit (``trainer.validate``) always decodes."""
+        if getattr(getattr(trainer, "state", None), "fn", None) == TrainerFn.VALIDATING:
+            return True
         if len(self.history) % self.decode_every_n_evaluations == 0:
             return True
         max_epochs = getattr(trainer, "max_epochs", None)
