@@ -1,4 +1,6 @@
-"""The LM recipe: embedded corpus, byte tokenizer, data module and a small Llama LightningModule.
+"""The LM recipe: embedded corpus, byte tokenizer, data module and a small Llama LightningModule;
+and, for ``antimemo audit`` of any saved Hugging Face causal LM, ``PretrainedCausalLM`` and
+``TokenFileDataModule`` (token ids from ``.jsonl`` / ``.npy`` files).
 
 Example:
     >>> from antimemo.lm import CausalLMModule, TextDataModule
@@ -18,6 +20,8 @@ from antimemo.lm.corpus import (
 )
 from antimemo.lm.data import SequenceDataset, TextDataModule
 from antimemo.lm.module import CausalLMModule
+from antimemo.lm.pretrained import PretrainedCausalLM
+from antimemo.lm.token_files import TokenFileDataModule, TokenListDataset, read_token_file
 
 __all__ = [
     "BYTE_PAD_ID",
@@ -25,10 +29,14 @@ __all__ = [
     "DEFAULT_CORPUS",
     "ByteTokenizer",
     "CausalLMModule",
+    "PretrainedCausalLM",
     "SequenceDataset",
     "TextDataModule",
+    "TokenFileDataModule",
+    "TokenListDataset",
     "byte_decode",
     "chunk_ids",
     "load_text",
     "pydoc_topics_paragraphs",
+    "read_token_file",
 ]
