@@ -207,7 +207,8 @@ def _get(trainer, cls):
 
 
 def _check_effect(name, trainer, module, rec, partner):
-    calls = [c for c in rec.calls if c["ids"].shape[0] > 0]
+    # an empty Poisson draw under DP runs one placeholder row without targets: nothing to check there
+    calls = [c for c in rec.calls if c["ids"].shape[0] > 0 and (c["labels"] != -100).any()]
     assert trainer.global_step >= 4 and calls, f"{name}: no training step recorded"
     if name == "goldfish":
         gold = _get(trainer, GoldfishTokenDropout)

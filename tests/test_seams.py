@@ -272,3 +272,29 @@ def test_dedup_sampling_refuses_a_loader_that_bypassed_it():
 
     with pytest.raises(RuntimeError, match="DedupSampling: the train loader was not built through"):
         _fit(LM("input_ids"), [dedup, Unhook()], max_steps=1)
+
+
+def test_dp_empty_poisson_batch_trains_an_hf_lm_with_noise_only():
+    """An empty Poisson draw used to crash a Llama forward; it now runs one zero-loss placeholder row:
+    the per-sample gradients are exactly zero (the step is noise only) and goldfish has nothing to check."""
+    from antimemo.dp import sampler as dp_sampler
+
+    seen = []
+
+    class Spy(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(max(float(p.grad_sample.abs().max()) for p in pl_module.parameters() if p.requires_grad))
+
+    original = dp_sampler.PoissonBatchSampler.__iter__
+
+    def always_empty(self):  # every draw is empty
+        for _ in original(self):
+            yield []
+
+    dp = DifferentialPrivacy(noise_multiplier=1.0)
+    try:
+        dp_sampler.PoissonBatchSampler.__iter__ = always_empty
+        _fit(LM("batch"), [GoldfishTokenDropout(k=2, h=2), dp, Spy()], max_steps=2)
+    finally:
+        dp_sampler.PoissonBatchSampler.__iter__ = original
+    assert dp.steps == 2 and seen == [0.0, 0.0]

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import secrets
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -272,6 +272,7 @@ class DifferentialPrivacy(pl.Callback):
         self._dp_optimizer: Any = None
         self._original_optimizer: Any = None
         self._seams: list[Any] = []
+        self._placeholder = False
         self._seam_handles: list[Any] = []
         self._pos_handles: list[Any] = []
         self._loader_handle: Any = None
@@ -521,7 +522,7 @@ class DifferentialPrivacy(pl.Callback):
         for handle in self._seam_handles:
             handle.remove()
         self._seams = [loss_seam(lm) for lm in causal_lms(pl_module)]
-        self._seam_handles = [seam.set_reduction(self, per_sequence_reduction) for seam in self._seams]
+        self._seam_handles = [seam.set_reduction(self, self._reduce) for seam in self._seams]
         self._pos_handles = install_batched_position_ids(pl_module)
         if self.grad_sample_mode == "ghost":
             self._patch_backward(pl_module)
@@ -793,14 +794,45 @@ class DifferentialPrivacy(pl.Callback):
         self._patched_backward = True
 
     # ------------------------------------------------------------------ per step
+    def _reduce(self, seq: Any) -> tuple[Tensor, Tensor]:
+        """The loss chain's reduction under DP: the per-sequence mean; a placeholder row (an empty
+        Poisson batch, see :meth:`on_train_batch_start`) contributes exactly zero."""
+        loss, per = per_sequence_reduction(seq)
+        if self._placeholder:
+            per = per * 0.0
+            loss = per.sum()
+        return loss, per
+
+    def _fill_empty_batch(self, batch: Any) -> bool:
+        """Poisson sampling can draw an empty batch, on which Hugging Face causal LMs cannot run a
+        forward (``view(0, ..., -1, ...)`` is ambiguous). For those models the empty dict batch gets
+        one placeholder row (token 0, attention on, labels -100) whose loss the DP reduction sets to
+        exactly 0: its per-sample gradient is zero, so the step is noise only, as DP-SGD prescribes
+        for an empty draw. Other batches are left as they are."""
+        if not self._seams or not isinstance(batch, MutableMapping):
+            return False
+        for key, value in list(batch.items()):
+            if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == 0:
+                if key == "labels":
+                    batch[key] = torch.full((1, *value.shape[1:]), -100, dtype=value.dtype, device=value.device)
+                elif key == "attention_mask":
+                    batch[key] = torch.ones((1, *value.shape[1:]), dtype=value.dtype, device=value.device)
+                else:
+                    batch[key] = torch.zeros((1, *value.shape[1:]), dtype=value.dtype, device=value.device)
+        return True
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        """Record the batch size and the step count before this batch."""
+        """Record the batch size and the step count before this batch (an empty Poisson batch gets a
+        zero-loss placeholder row for Hugging Face causal LMs)."""
         self._batch_size = _batch_size(batch)
         if self._batch_size is None:
             raise TypeError(
                 f"DifferentialPrivacy could not find a batched tensor in the training batch ({type(batch).__name__}); "
                 "batches must hold tensors whose first dimension is the batch"
             )
+        self._placeholder = self._batch_size == 0 and self._fill_empty_batch(batch)
+        if self._placeholder:
+            self._batch_size = 1
         self._steps_before_batch = self.steps
         for seam in self._seams:
             seam.open((trainer.global_step, batch_idx))

@@ -272,8 +272,8 @@ class GoldfishTokenDropout(pl.Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         """Raise if the rewritten labels did not reach the loss of this training step."""
         expected, self._expected = self._expected, None
-        if expected is None:
-            return
+        if expected is None or expected.numel() == 0:
+            return  # no batch, or an empty one (e.g. a Poisson draw under DP): nothing to drop
         seen = [labels for seam in self._seams for labels in seam.labels_seen]
         key = self.labels_key
         fix = (
