@@ -21,6 +21,13 @@ it back with ``json.load``. Keys:
   start, which epsilon does not cover) and ``statement``. The printed table never shows epsilon
   without these.
 - ``environment``: Python, torch, lightning, transformers versions, platform, CPU count, threads.
+- ``antimemo audit`` reports (:mod:`antimemo.audit`) also hold ``verb: "audit"``, ``checkpoint``
+  (``path``, ``epoch``, ``global_step``, or ``None``), ``model_class``, ``model_path``,
+  ``audit_wall_time_s`` and ``training_sections`` (the training-time sections not run).
+
+The table also shows, when logged by the main monitor (``memorization/``), ``reproduced_length``,
+the ``discoverable/*`` fractions and the untargeted-extraction figures beside their held-out
+baseline.
 
 ``report.json`` is written atomically (:func:`antimemo._atomic.atomic_write_text`): a failed
 write keeps the previous file.
@@ -235,6 +242,62 @@ def _dp_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _p_order(key: str) -> tuple[float, float, str]:
+    """Sort ``discoverable/n{n}_p{p}`` keys by n, then p (other keys last)."""
+    import re
+
+    found = re.fullmatch(r".*/n(\d+)_p([\d.]+)", key)
+    return (float(found.group(1)), float(found.group(2)), key) if found else (math.inf, math.inf, key)
+
+
+def _measure_rows(metrics: Mapping[str, Any], prefix: str = "memorization") -> list[tuple[str, str]]:
+    """Rows for the main monitor's optional keys: reproduced length, (n, p)-discoverable
+    extraction and untargeted extraction (beside its held-out baseline)."""
+    rows: list[tuple[str, str]] = []
+    if f"{prefix}/reproduced_length" in metrics:
+        rows.append(("reproduced length (greedy, tokens)", _fmt(metrics[f"{prefix}/reproduced_length"], 2)))
+    disc = [k for k in metrics if k.startswith(f"{prefix}/discoverable/")]
+    for key in sorted(disc, key=_p_order):
+        name = key[len(f"{prefix}/discoverable/"):]
+        label = "discoverable median log10 p_z" if name == "median_log10_pz" else f"discoverable {name.replace('_', ' ')}"
+        rows.append((label, _fmt(metrics[key], 2 if name == "median_log10_pz" else 4)))
+    base = f"{prefix}/untargeted"
+    for name, label, digits in (
+        ("extraction_rate", "untargeted extraction rate", 4),
+        ("token_coverage", "untargeted token coverage", 4),
+        ("longest_match", "untargeted longest match (tokens)", 0),
+        ("nv_recall_mean", "untargeted nv-recall (mean)", 4),
+    ):
+        if f"{base}/{name}" not in metrics:
+            continue
+        value = _fmt(metrics[f"{base}/{name}"], digits)
+        held = metrics.get(f"{base}/holdout_baseline/{name}")
+        rows.append((label, value if held is None else f"{value} (held-out baseline {_fmt(held, digits)})"))
+    kinds = sorted(
+        k for k in metrics
+        if k.startswith(f"{base}/") and k.endswith("/extraction_rate") and k.count("/") == 3 and "/holdout_baseline/" not in k
+    )  # fmt: skip
+    for key in kinds:
+        rows.append((f"untargeted extraction rate, {key.split('/')[2]} prompts", _fmt(metrics[key])))
+    return rows
+
+
+def _audit_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What an ``antimemo audit`` measured, and which training-time sections it left out."""
+    if report.get("verb") != "audit":
+        return []
+    ckpt = report.get("checkpoint")
+    if isinstance(ckpt, Mapping):
+        where = f"{ckpt.get('path')} (global step {ckpt.get('global_step', 'n/a')}, epoch index {ckpt.get('epoch', 'n/a')})"
+    else:
+        where = f"{report.get('model_class')}" + (f" from {report['model_path']}" if report.get("model_path") else "")
+    dropped = sorted(report.get("training_sections") or {})
+    return [
+        ("audited model", where),
+        ("training-time sections (not run)", ", ".join(dropped) or "none"),
+    ]
+
+
 def format_report(report: Mapping[str, Any]) -> str:
     """Render a report as a two-column text table.
 
@@ -258,7 +321,8 @@ def format_report(report: Mapping[str, Any]) -> str:
     """
     gf = report.get("goldfish")
     goldfish = "off" if not gf else f"k={gf.get('k')}, h={gf.get('h')}, seed={gf.get('seed')}"
-    rows: list[tuple[str, str]] = [("goldfish", goldfish)]
+    audit = _audit_rows(report)  # an audit ran no training-time section: no goldfish row
+    rows: list[tuple[str, str]] = audit or [("goldfish", goldfish)]
     others = {
         k: v for k, v in (report.get("sections") or {}).items() if v is not None and k != "goldfish" and not k.endswith("monitor")
     }
@@ -276,11 +340,13 @@ def format_report(report: Mapping[str, Any]) -> str:
         ("near-verbatim (edit >= 0.9)", _fmt(report.get("near_verbatim"))),
         ("held-out loss (val_loss)", _fmt(report.get("val_loss"))),
     ]
+    rows += _measure_rows(report.get("metrics") or {})
     optional = [
         ("best held-out loss", "best_val_loss", 4),
         ("train loss (last epoch, trained targets)", "train_loss", 4),
         ("memorization measured after epoch", "memorization_after_epochs", 0),
         ("train wall time (s)", "train_wall_time_s", 1),
+        ("audit wall time (s)", "audit_wall_time_s", 1),
         ("steps / epochs", None, 0),
         ("parameters", "num_parameters", 0),
     ]
