@@ -72,3 +72,16 @@ def test_evaluation_without_start_is_timed_but_not_judged():
     cost = EvaluationCost("M", clock=_clock(itertools.count()))
     assert cost.evaluated(cost.clock(), every_n_epochs=1) is None
     assert cost.seconds == [1]
+
+
+def test_a_decode_cycle_is_judged_on_its_average():
+    # one expensive decode (2 s after 10 s of training) and four cheap passes (0.1 s after 10 s each)
+    ticks = iter([0.0, 10.0, 12.0] + [v for i in range(4) for v in (22.0 + 10.1 * i, 22.1 + 10.1 * i)])
+    cost = EvaluationCost("Monitor", clock=lambda: next(ticks))
+    cost.start()
+    messages = [cost.evaluated(cost.clock(), every_n_epochs=1, cycle=5) for _ in range(5)]
+    assert messages == [None] * 5  # (2 + 4 * 0.1) / 50 s = 4.8%, although the decode alone was 20%
+    ticks = iter([0.0, 10.0, 12.0])
+    single = EvaluationCost("Monitor", clock=lambda: next(ticks))
+    single.start()
+    assert "one evaluation took 2.00 s, 20%" in single.evaluated(single.clock(), every_n_epochs=1, cycle=1)

@@ -81,6 +81,7 @@ class EvaluationCost:
         self.budget = budget
         self.clock = clock
         self.seconds: list[float] = []
+        self._pairs: list[tuple[float, float]] = []  # (evaluation, fit time before it) this fit
         self._mark: float | None = None
         self._warned = False
 
@@ -88,10 +89,26 @@ class EvaluationCost:
         """A new fit: time from now, and warn again at most once."""
         self._mark = self.clock()
         self._warned = False
+        self._pairs = []
 
-    def evaluated(self, began: float, every_n_epochs: int) -> str | None:
+    def evaluated(self, began: float, every_n_epochs: int, cycle: int = 1) -> str | None:
         """Record an evaluation that began at clock reading ``began`` and ended now; return the
-        warning text the first time in this fit that one exceeds the budget."""
+        warning text the first time in this fit that evaluations exceed the budget.
+
+        ``cycle`` evaluations are judged together (their summed time against the summed fit time
+        before them), once that many have run: a monitor that decodes fully every
+        ``decode_every_n_evaluations`` and scores cheaply in between is judged on its average,
+        not on its one expensive evaluation.
+
+        Example:
+            >>> ticks = iter([0.0, 10.0, 12.0, 32.0, 32.1])
+            >>> cost = EvaluationCost("Monitor", clock=lambda: next(ticks))
+            >>> cost.start()
+            >>> cost.evaluated(cost.clock(), every_n_epochs=1, cycle=2) is None  # 2 s of 10 s: wait
+            True
+            >>> cost.evaluated(cost.clock(), every_n_epochs=1, cycle=2) is None  # (2 + 0.1) s of 30 s: 7%
+            True
+        """
         ended = self.clock()
         seconds = ended - began
         self.seconds.append(seconds)
@@ -99,6 +116,11 @@ class EvaluationCost:
         self._mark = ended
         if other is None or self._warned:
             return None
+        self._pairs.append((seconds, other))
+        if len(self._pairs) < cycle:
+            return None
+        window = self._pairs[-cycle:]
+        seconds, other = sum(s for s, _ in window), sum(o for _, o in window)
         message = cost_warning(self.name, seconds, other, every_n_epochs, self.budget)
         self._warned = message is not None
         return message

@@ -619,7 +619,7 @@ class MemorizationMonitor(Callback):
         _log_and_record(self, trainer, pl_module, self._evaluate(trainer, pl_module))
         if trainer.state.fn != TrainerFn.FITTING:
             return  # an audit: no fit whose time the evaluation shares
-        message = self._cost.evaluated(began, self.every_n_epochs)
+        message = self._cost.evaluated(began, self.every_n_epochs, cycle=self.decode_every_n_evaluations)
         if message is not None:
             rank_zero_warn(message, category=UserWarning)
 
