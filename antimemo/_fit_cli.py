@@ -1,4 +1,5 @@
-"""``AntimemoCLI``, the ``LightningCLI`` behind ``antimemo fit`` / ``antimemo validate``.
+"""``AntimemoCLI``, the ``LightningCLI`` behind ``antimemo fit`` / ``antimemo validate`` (and, as
+``antimemo.audit``'s subclass, ``antimemo audit``).
 
 Public as ``antimemo.cli.AntimemoCLI``. It lives here, below :mod:`antimemo.cli`, so that
 ``antimemo.ablate`` can parse ``fit`` arguments with it without importing the console script
@@ -375,7 +376,8 @@ def build_cli_class() -> type:
             value = value.as_dict() if hasattr(value, "as_dict") else value
             return json.loads(json.dumps(value, default=str))
 
-        def _finish_report(self, wall: float | None) -> None:
+        def _finish_report(self, wall: float | None, overrides: dict[str, Any] | None = None) -> None:
+            """Build, write and print the report; ``overrides`` (``antimemo audit``) replace or add keys."""
             trainer = self.trainer
             config_path = self._get(self.config, "config")
             extra: dict[str, Any] = {
@@ -384,6 +386,7 @@ def build_cli_class() -> type:
                 "sections": {name: self._section(name) for name in CALLBACK_SECTIONS},
             }
             report = build_report(trainer, train_wall_time_s=wall, best_val_loss=self._val_tracker.best, extra=extra)
+            report.update(overrides or {})
             target = self._get(self.config, "report_path")
             if target is None:
                 log_dir = trainer.log_dir or trainer.default_root_dir

@@ -6,6 +6,10 @@ Verbs:
   :class:`AntimemoCLI` (a ``LightningCLI``), then print the memorization report and write it to
   ``<log_dir>/report.json`` (or ``--report_path``).
 - ``antimemo validate --config ... --ckpt_path ...``: run validation (held-out loss) only.
+- ``antimemo audit --config ... --ckpt_path ...``: every memorization measure (full greedy decode,
+  discoverable extraction, MIA, untargeted extraction) on a saved checkpoint, or on any
+  ``save_pretrained`` causal LM (:class:`antimemo.lm.PretrainedCausalLM`) with token files
+  (:class:`antimemo.lm.TokenFileDataModule`); the same report as ``fit`` (:mod:`antimemo.audit`).
 
 Besides Lightning's ``trainer`` / ``model`` / ``data`` / ``optimizer`` sections, the config has one
 optional callback section per :data:`CALLBACK_SECTIONS` entry, each a callback or ``null``:
@@ -97,6 +101,12 @@ def _ablate_verb(argv: list[str]) -> int:
     return ablate_main(argv)
 
 
+def _audit_verb(argv: list[str]) -> int:
+    from antimemo.audit import run
+
+    return run(argv)
+
+
 def _dedup_verb(argv: list[str]) -> int:
     from antimemo.dedup import cli as dedup_cli
 
@@ -109,6 +119,8 @@ def _dedup_verb(argv: list[str]) -> int:
 VERBS: dict[str, Verb] = {
     "fit": Verb("train a model (LightningCLI), then print and save the memorization report", _lightning_verb("fit")),
     "validate": Verb("run the validation loop (held-out loss) on a model or checkpoint", _lightning_verb("validate")),
+    "audit": Verb("measure memorization of a finished model (--ckpt_path, or a save_pretrained model): report.json",
+                  _audit_verb),
     "dedup": Verb("find exact and near duplicates (PATH_OR_RECIPE --out INDEX) and print a summary", _dedup_verb),
     "ablate": Verb("sweep config keys x seeds (--grid KEY=V1,V2 --seeds N --out DIR): results.csv, summary.md, pareto.png", _ablate_verb),
 }
@@ -135,6 +147,7 @@ def _usage() -> str:
         "  antimemo fit --config recipes/lm_goldfish.yaml                 # goldfish k=4, h=13",
         "  antimemo fit --config recipes/lm_goldfish.yaml --goldfish null # standard training",
         "  antimemo fit --config recipes/lm_goldfish.yaml --goldfish.k 8",
+        "  antimemo audit --config recipes/lm_goldfish.yaml --ckpt_path runs/.../checkpoints/last.ckpt",
         "",
         f"--debug (anywhere before a '--') or {DEBUG_ENV}=1 shows the full traceback of an error.",
     ]
