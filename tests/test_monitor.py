@@ -677,7 +677,9 @@ class _SteppingClock:
 
 @pytest.mark.parametrize("evaluation, warns", [(5.0, True), (0.5, False)])
 def test_monitor_warns_once_when_evaluations_cost_more_than_a_tenth_of_the_fit(evaluation, warns):
-    monitor = MemorizationMonitor(num_probes=4, prefix_length=P, suffix_length=S, every_n_epochs=2)
+    # every evaluation decodes (a cycle of one), so each is judged on its own
+    monitor = MemorizationMonitor(num_probes=4, prefix_length=P, suffix_length=S, every_n_epochs=2,
+                                  decode_every_n_evaluations=1)  # fmt: skip
     monitor._cost.clock = _SteppingClock(train=10.0, evaluation=evaluation)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
