@@ -2,8 +2,8 @@
 
 Two uses:
 
-- a model trained with a recipe: ``antimemo audit --config recipes/lm_goldfish.yaml
-  --ckpt_path runs/lm_goldfish/lightning_logs/version_0/checkpoints/last.ckpt`` with the fit's
+- a model trained with a recipe: ``antimemo audit --config recipes/lm_goldfish.yaml --ckpt_path
+  runs/lm_goldfish/lightning_logs/version_0/checkpoints/epoch=59-step=960.ckpt`` with the fit's
   config and overrides, most simply the ``config.yaml`` LightningCLI saved in the fit's log
   directory (``--config runs/lm_goldfish/lightning_logs/version_0/config.yaml``): the data
   arguments decide which sequences are members. (LightningCLI also reads the model's
@@ -172,7 +172,8 @@ def _checkpoint_meta(path: str) -> dict[str, Any]:
     import torch
 
     fix = (
-        "pass the .ckpt file a fit wrote (e.g. <log_dir>/checkpoints/last.ckpt); a save_pretrained directory "
+        "pass the .ckpt file ModelCheckpoint wrote during the fit (e.g. <log_dir>/checkpoints/epoch=59-step=960.ckpt); "
+        "a save_pretrained directory "
         "is audited with --model.class_path antimemo.lm.PretrainedCausalLM --model.init_args.path DIR"
     )
     target = Path(path)
@@ -252,7 +253,8 @@ def build_audit_cli_class() -> type:
                 if not getattr(model_cls, "loads_own_weights", False):
                     raise ValueError(
                         f"--ckpt_path: required to audit {model_class or 'this model'} (it starts from fresh weights); "
-                        "pass the checkpoint a fit wrote, e.g. --ckpt_path <log_dir>/checkpoints/last.ckpt, or audit a "
+                        "pass the .ckpt file ModelCheckpoint wrote during the fit, e.g. --ckpt_path "
+                        "<log_dir>/checkpoints/epoch=59-step=960.ckpt, or audit a "
                         "save_pretrained directory with --model.class_path antimemo.lm.PretrainedCausalLM "
                         "--model.init_args.path DIR"
                     )

@@ -147,7 +147,7 @@ def _usage() -> str:
         "  antimemo fit --config recipes/lm_goldfish.yaml                 # goldfish k=4, h=13",
         "  antimemo fit --config recipes/lm_goldfish.yaml --goldfish null # standard training",
         "  antimemo fit --config recipes/lm_goldfish.yaml --goldfish.k 8",
-        "  antimemo audit --config recipes/lm_goldfish.yaml --ckpt_path runs/.../checkpoints/last.ckpt",
+        "  antimemo audit --config recipes/lm_goldfish.yaml --ckpt_path runs/.../checkpoints/epoch=59-step=960.ckpt",
         "",
         f"--debug (anywhere before a '--') or {DEBUG_ENV}=1 shows the full traceback of an error.",
     ]
