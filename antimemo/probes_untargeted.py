@@ -151,6 +151,17 @@ class UntargetedEvaluator:
                 "byte-level recipe), or drop 'empty' from untargeted['kinds']"
             )
         self.holdout = None if holdout_dataset is None else _rows(holdout_dataset, key)
+        self._holdout_windows: Tensor | None = None
+        if "holdout" in config.kinds:
+            # every holdout_length window of every held-out row (rows may differ in length)
+            w = config.holdout_length
+            windows = [r.unfold(0, w, 1) for r in self.holdout or [] if r.numel() >= w]
+            if not windows:
+                raise ValueError(
+                    f"untargeted['holdout_length']={w} is longer than every held-out sequence; lower it or drop "
+                    "'holdout' from untargeted['kinds']"
+                )
+            self._holdout_windows = torch.cat(windows)
         self.vocab_size = int(max(int(r.max()) for r in _rows(train_dataset, key) if r.numel())) + 1
         self.evaluations = 0
 
@@ -181,7 +192,7 @@ class UntargetedEvaluator:
             if kind == "empty":
                 prompts = untargeted_prompts("empty", cfg.num_generations, bos_id=self.bos_id)
             elif kind == "holdout":
-                prompts = untargeted_prompts("holdout", cfg.num_generations, holdout=self.holdout,
+                prompts = untargeted_prompts("holdout", cfg.num_generations, holdout=self._holdout_windows,
                                              length=cfg.holdout_length, generator=g)  # fmt: skip
             else:
                 prompts = untargeted_prompts("repeat", cfg.num_generations, vocab_size=self.vocab_size,

@@ -122,3 +122,17 @@ def test_empty_prompts_without_a_bos_id_are_refused():
         m = LM()
         m.model.config.bos_token_id = None
         trainer.fit(m, Data())
+
+
+def test_holdout_prompts_come_from_rows_of_different_lengths():
+    from antimemo.probes_untargeted import UntargetedEvaluator
+
+    holdout = [{"input_ids": torch.arange(n) % VOCAB} for n in (3, 10, 20)]
+    cfg = UntargetedConfig.from_argument({"kinds": ["holdout"], "holdout_length": 8, "num_generations": 4,
+                                          "num_tokens": 4, "min_span": 4})  # fmt: skip
+    ev = UntargetedEvaluator(cfg, TRAIN, holdout)
+    assert ev._holdout_windows.shape == (3 + 13, 8)  # windows of the 10- and 20-token rows only
+    out = ev.evaluate(tiny_llama(vocab=VOCAB, hidden=32, layers=2, heads=4, seed=0), torch.device("cpu"))
+    assert out["untargeted/generations"] == 4
+    with pytest.raises(ValueError, match=r"untargeted\['holdout_length'\]=30 is longer than every held-out sequence"):
+        UntargetedEvaluator(UntargetedConfig.from_argument({"kinds": ["holdout"], "holdout_length": 30}), TRAIN, holdout)
