@@ -45,6 +45,7 @@ ROWS = [
     ("  held-out text, same test", "memorization/untargeted/holdout_baseline/extraction_rate", "{:.3f}"),
     ("untargeted token coverage", "memorization/untargeted/token_coverage", "{:.3f}"),
     ("untargeted longest match (bytes)", "memorization/untargeted/longest_match", "{:.0f}"),
+    ("  held-out text, same test", "memorization/untargeted/holdout_baseline/longest_match", "{:.0f}"),
     ("nv-recall (mean)", "memorization/untargeted/nv_recall_mean", "{:.3f}"),
     ("  held-out text, same test", "memorization/untargeted/holdout_baseline/nv_recall_mean", "{:.3f}"),
     ("MIA loss AUC", "memorization/mia/loss/auc", "{:.3f}"),
