@@ -20,6 +20,7 @@ from _builders import quiet_trainer_kwargs  # tests/ is on sys.path (pytest's ro
 from antimemo import ReplicaMonitor, ReplicaRate
 from antimemo.diffusion import DiffusionModule, ImageDataset, load_digits_images
 from antimemo.functional.replica import replica_scores
+from antimemo.callbacks.replica_monitor import LABEL_HEIGHT
 
 X, Y = load_digits_images(8)
 TRAIN_ROWS = list(range(20)) + [0] * 5 + [1] * 3  # images 0 and 1 duplicated
@@ -128,9 +129,12 @@ def test_logged_figures_match_the_metric_and_the_picture_pairs_copies(tmp_path):
     path = Path(mon.last_picture_path)
     assert path.exists() and path.parent == tmp_path / "pics"
     pic = np.asarray(Image.open(path), dtype=np.float32) / 255
-    assert pic.shape == (2 * (8 * 4 + 2) + 2, 4 * (8 * 4 + 2) + 2)
-    top, bottom = pic[2 : 2 + 32, 2 : 2 + 32], pic[36 : 36 + 32, 2 : 2 + 32]
+    lh = LABEL_HEIGHT  # three label strips: "generated", "nearest training image", the similarities
+    assert pic.shape == (2 * (8 * 4 + 2) + 2 + 3 * lh, 4 * (8 * 4 + 2) + 2)
+    top, bottom = pic[lh + 2 : lh + 2 + 32, 2 : 2 + 32], pic[2 * lh + 36 : 2 * lh + 36 + 32, 2 : 2 + 32]
     assert np.abs(top - bottom).max() <= 1 / 255 + 1e-6  # exact copy shown beside its source
+    for strip in (pic[:lh], pic[lh + 34 : 2 * lh + 34], pic[-lh:]):  # each label strip has dark text
+        assert (strip < 0.5).sum() > 20
     assert logger.images and logger.images[0][0] == "replication/top_replicas"
     assert logger.images[0][1].shape == (1, *pic.shape)
 

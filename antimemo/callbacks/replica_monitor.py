@@ -36,7 +36,7 @@ from antimemo.dedup.images import image_content_hash
 from antimemo.functional.replica import SIMILARITIES, check_images, check_replica_threshold, replica_scores
 from antimemo.metrics.replica import DEFAULT_THRESHOLDS, FeatureFrechetDistance, GenerationDiversity, ReplicaRate
 
-__all__ = ["ReplicaMonitor", "replica_grid", "save_png"]
+__all__ = ["LABEL_HEIGHT", "ReplicaMonitor", "labelled_replica_grid", "replica_grid", "save_png"]
 
 _NAME = "ReplicaMonitor"
 
@@ -66,6 +66,60 @@ def replica_grid(generated: Tensor, matched: Tensor, scale: int = 4, pad: int = 
             y, x = pad + row * (hs + pad), pad + j * (ws + pad)
             out[:, y : y + hs, x : x + ws] = big[j]
     return out
+
+
+#: Height in pixels of one label strip of the picture (Pillow's default bitmap font is 11 px high).
+LABEL_HEIGHT = 13
+
+
+def _label_font() -> Any:
+    """Pillow's built-in bitmap font (no file, no download)."""
+    from PIL import ImageFont
+
+    loader = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1: the bitmap font
+    return loader() if loader is not None else ImageFont.load_default()
+
+
+def labelled_replica_grid(generated: Tensor, matched: Tensor, scores: Tensor, scale: int = 4, pad: int = 2) -> Tensor:
+    """:func:`replica_grid` with labels: "generated" above the top row, "nearest training image"
+    above the bottom row, and each pair's similarity under it (three strips of
+    :data:`LABEL_HEIGHT` pixels, black text in Pillow's default bitmap font).
+
+    Args:
+        generated, matched, scale, pad: as for :func:`replica_grid`.
+        scores: ``[K]`` similarity of each pair (printed with 3 decimals).
+
+    Returns:
+        ``[C, H + 3 * LABEL_HEIGHT, max(W, label width + 2 * pad)]`` float in ``[0, 1]``, where
+        ``[C, H, W]`` is the shape of :func:`replica_grid`.
+
+    Example:
+        >>> labelled_replica_grid(torch.zeros(3, 1, 4, 4), torch.ones(3, 1, 4, 4), torch.ones(3), scale=2).shape
+        torch.Size([1, 61, 136])
+    """
+    from PIL import Image, ImageDraw
+
+    grid = replica_grid(generated, matched, scale, pad)
+    c, gh, gw = grid.shape
+    hs, ws = generated.shape[2] * scale, generated.shape[3] * scale
+    lh = LABEL_HEIGHT
+    font = _label_font()
+    titles = ("generated", "nearest training image")
+    width = max(gw, *(int(font.getbbox(t)[2]) + 2 * pad for t in titles))
+    out = torch.ones(c, gh + 3 * lh, width)
+    split = pad + hs  # the grid's rows above this line are the generated images
+    out[:, lh : lh + split, :gw] = grid[:, :split]
+    out[:, 2 * lh + split : 2 * lh + gh, :gw] = grid[:, split:]
+    canvas = Image.new("L", (width, gh + 3 * lh), 255)
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 1), titles[0], fill=0, font=font)
+    draw.text((pad, lh + split + 1), titles[1], fill=0, font=font)
+    for j, score in enumerate(scores.detach().float().cpu().tolist()):
+        text = f"{score:.3f}"
+        x = pad + j * (ws + pad) + max(0, (ws - int(font.getbbox(text)[2])) // 2)
+        draw.text((x, 2 * lh + gh + 1), text, fill=0, font=font)
+    ink = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
+    return torch.minimum(out, ink.unsqueeze(0))
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:
@@ -145,7 +199,10 @@ class ReplicaMonitor(Callback):
 
     **Picture.** Rank 0 saves ``{save_dir}/replicas_epoch{E:03d}.png`` (``save_dir`` default:
     ``<log_dir>/replicas``): the ``num_pictures`` generations with the highest scores on top,
-    their nearest training images below (Pillow). With a logger whose ``experiment`` has
+    their nearest training images below, labelled ("generated", "nearest training image") with
+    each pair's similarity (``similarity``) printed under it (Pillow, built-in bitmap font:
+    :func:`labelled_replica_grid`). The path is in :attr:`last_picture_path` and in the
+    ``antimemo fit`` report. With a logger whose ``experiment`` has
     ``add_image`` (TensorBoard), the same picture is logged as ``{p}/top_replicas``.
 
     **DDP.** Rank ``r`` generates images ``r, r + W, ...``; the metrics' ``compute()`` gathers
@@ -429,7 +486,7 @@ class ReplicaMonitor(Callback):
         assert self.reference is not None
         k = min(self.num_pictures, images.shape[0])
         top = torch.argsort(scores, descending=True, stable=True)[:k]
-        grid = replica_grid(images[top], self.reference[indices[top]])
+        grid = labelled_replica_grid(images[top], self.reference[indices[top]], scores[top])
         root = self.save_dir or str(Path(trainer.log_dir or trainer.default_root_dir) / "replicas")
         path = save_png(grid, Path(root) / f"replicas_epoch{trainer.current_epoch:03d}.png")
         self.last_picture_path = str(path)
