@@ -48,7 +48,7 @@ from typing import Any
 
 from antimemo._atomic import atomic_write_text
 
-__all__ = ["REPORT_FILENAME", "build_report", "environment_info", "format_report", "write_report"]
+__all__ = ["REPORT_FILENAME", "build_report", "environment_info", "format_budget", "format_report", "write_report"]
 
 #: File name of the JSON report inside a run's log directory.
 REPORT_FILENAME = "report.json"
@@ -110,6 +110,42 @@ def _find_callback(trainer: Any, class_name: str) -> Any:
     return None
 
 
+def _find_callbacks(trainer: Any, class_name: str) -> list[Any]:
+    return [
+        cb for cb in getattr(trainer, "callbacks", []) or [] if any(c.__name__ == class_name for c in type(cb).__mro__)
+    ]
+
+
+def _probe_protocol(monitor: Any) -> dict[str, Any]:
+    """``num_probes`` / ``prefix_length`` / ``suffix_length`` of a ``MemorizationMonitor``."""
+    n = getattr(monitor, "probes", None)
+    return {
+        "num_probes": int(n.shape[0]) if n is not None and hasattr(n, "shape") else getattr(monitor, "num_probes", None),
+        "prefix_length": getattr(monitor, "prefix_length", None),
+        "suffix_length": getattr(monitor, "suffix_length", None),
+    }
+
+
+def _budget_info(budget: Any) -> dict[str, Any] | None:
+    """A ``MemorizationBudget``'s settings and decisions (``None`` without one).
+
+    ``history`` is the callback's ``[[epoch, figure, old, new], ...]`` with ``epoch`` the 0-based
+    ``trainer.current_epoch`` of the decision; the table prints it as "after epoch ``epoch + 1``".
+    """
+    if budget is None:
+        return None
+    bounds = getattr(budget, "bounds", None)
+    return {
+        "control": getattr(budget, "control", None),
+        "metric": getattr(budget, "metric", None),
+        "max_value": getattr(budget, "max_value", None),
+        "bounds": list(bounds) if isinstance(bounds, (list, tuple)) else bounds,
+        "stronger": getattr(budget, "stronger", None),
+        "value": getattr(budget, "value", None),
+        "history": [list(h) for h in getattr(budget, "history", None) or []],
+    }
+
+
 def build_report(
     trainer: Any,
     *,
@@ -146,7 +182,9 @@ def build_report(
     if goldfish_cb is not None:
         goldfish = {name: getattr(goldfish_cb, name, None) for name in ("k", "h", "seed")}
 
-    monitor = _find_callback(trainer, "MemorizationMonitor")
+    monitors = _find_callbacks(trainer, "MemorizationMonitor")
+    # the main monitor logs under "memorization/"; others (e.g. probe_dataset=...) get their own rows
+    monitor = next((m for m in monitors if getattr(m, "log_prefix", None) == "memorization"), monitors[0] if monitors else None)
     memorization: dict[str, float | None] = {key: None for key in _MEM_KEYS}
     mem_after = None
     probes: dict[str, Any] = {"num_probes": None, "prefix_length": None, "suffix_length": None}
@@ -156,12 +194,15 @@ def build_report(
             epoch, _, results = history[-1]
             mem_after = int(epoch) + 1
             memorization = {key: _scalar(results.get(key)) for key in _MEM_KEYS}
-        n = getattr(monitor, "probes", None)
-        probes = {
-            "num_probes": int(n.shape[0]) if n is not None and hasattr(n, "shape") else getattr(monitor, "num_probes", None),
-            "prefix_length": getattr(monitor, "prefix_length", None),
-            "suffix_length": getattr(monitor, "suffix_length", None),
-        }
+        probes = _probe_protocol(monitor)
+    monitor_probes = [
+        {"log_prefix": getattr(m, "log_prefix", None), "probe_dataset": getattr(m, "probe_dataset", None), **_probe_protocol(m)}
+        for m in monitors
+    ]
+    replica_monitors = _find_callbacks(trainer, "ReplicaMonitor")
+    kind = "diffusion" if replica_monitors and not monitors else "lm"
+    pictures = [str(m.last_picture_path) for m in replica_monitors if getattr(m, "last_picture_path", None)]
+    budget = _budget_info(_find_callback(trainer, "MemorizationBudget"))
 
     dp_cb = _find_callback(trainer, "DifferentialPrivacy")
     dp_guarantee = None
@@ -174,6 +215,7 @@ def build_report(
     if best_val_loss is None:
         best_val_loss = val_loss
     report: dict[str, Any] = {
+        "kind": kind,
         "goldfish": goldfish,
         **memorization,
         "memorization_after_epochs": mem_after,
@@ -187,6 +229,9 @@ def build_report(
         "num_parameters": num_parameters,
         "metrics": dict(sorted(metrics.items())),
         "dp_guarantee": dp_guarantee,
+        "monitors": monitor_probes,
+        "budget": budget,
+        "replica_pictures": pictures,
         "environment": environment_info(),
     }
     if extra:
@@ -298,8 +343,102 @@ def _audit_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _kind(report: Mapping[str, Any]) -> str:
+    """``"diffusion"`` (a ``ReplicaMonitor`` ran and no ``MemorizationMonitor``) or ``"lm"``.
+
+    Reports written before the ``kind`` key are classified from their figures.
+    """
+    kind = report.get("kind")
+    if kind in ("lm", "diffusion"):
+        return str(kind)
+    metrics = report.get("metrics") or {}
+    replicas = any(k.startswith("replication/") for k in metrics)
+    lm = report.get("exact_match") is not None or any(k.endswith("/exact_match") for k in metrics)
+    return "diffusion" if replicas and not lm else "lm"
+
+
+def _section_row(name: str, section: Any) -> tuple[str, str]:
+    """One mitigation section and the knobs that apply to it."""
+    args = section.get("init_args", {}) if isinstance(section, Mapping) else {}
+    class_path = str(section.get("class_path", "")) if isinstance(section, Mapping) else ""
+    if name == "budget" or class_path.endswith("MemorizationBudget"):
+        keys: tuple[str, ...] = ("control", "metric", "max_value", "bounds")
+    else:
+        keys = _SECTION_KNOBS
+    shown = {k: args[k] for k in keys if k in args and args[k] is not None}
+    if name == "dedup" or class_path.endswith("DedupSampling"):
+        policy = args.get("policy", "downweight")
+        if policy != "cap":  # max_copies is the "cap" policy's knob ("drop" keeps one, "downweight" reweights)
+            shown.pop("max_copies", None)
+        if policy == "downweight" and args.get("num_samples") is not None:
+            shown["num_samples"] = args["num_samples"]
+    return name, ", ".join(f"{k}={v}" for k, v in shown.items()) or "on"
+
+
+def _probe_text(entry: Mapping[str, Any]) -> str:
+    n, p, s = entry.get("num_probes"), entry.get("prefix_length"), entry.get("suffix_length")
+    source = f"sequences of {entry['probe_dataset']}" if entry.get("probe_dataset") else "training sequences"
+    return f"{n} {source}, {p}-token prefix -> {s}-token suffix"
+
+
+def format_budget(report: Mapping[str, Any]) -> str:
+    """The ``MemorizationBudget`` trajectory: the knob after each decision and the figure it acted on.
+
+    Epochs are 1-based, "after epoch N" (the budget's log line says the same; ``history`` stores
+    the 0-based ``trainer.current_epoch``, i.e. ``N - 1``). Empty without a budget decision.
+
+    Example:
+        >>> print(format_budget({"budget": {"control": "goldfish.k", "metric": "memorization/exact_match",
+        ...                                 "max_value": 0.05, "history": [[4, 0.0, 2, 2], [9, 0.0, 2, 4]]}}))
+        MemorizationBudget: goldfish.k keeping memorization/exact_match <= 0.05
+        +-------------+------------+--------------------------+
+        | after epoch | goldfish.k | memorization/exact_match |
+        +-------------+------------+--------------------------+
+        | start       | 2          |                          |
+        | 5           | 2          | 0.0000                   |
+        | 10          | 4 (weaker) | 0.0000                   |
+        +-------------+------------+--------------------------+
+    """
+    budget = report.get("budget")
+    if not isinstance(budget, Mapping) or not budget.get("history"):
+        return ""
+    control, metric = str(budget.get("control")), str(budget.get("metric"))
+    history = budget["history"]
+
+    def value(v: Any) -> str:
+        v = float(v)
+        return str(int(v)) if v.is_integer() else f"{v:g}"
+
+    stronger = budget.get("stronger")
+    stronger_is_smaller = stronger == "decrease" if stronger in ("decrease", "increase") else _stronger_is_smaller(control)
+    rows = [("start", value(history[0][2]), "")]
+    for epoch, figure, old, new in history:
+        label = value(new)
+        if float(new) != float(old):
+            label += " (stronger)" if (float(new) < float(old)) == stronger_is_smaller else " (weaker)"
+        rows.append((str(int(epoch) + 1), label, _fmt(float(figure))))
+    head = ("after epoch", control, metric)
+    widths = [max(len(head[i]), *(len(r[i]) for r in rows)) for i in range(3)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [f"MemorizationBudget: {control} keeping {metric} <= {budget.get('max_value')}", line,
+           "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |", line]
+    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    out.append(line)
+    return "\n".join(out)
+
+
+def _stronger_is_smaller(control: str) -> bool:
+    """Whether a smaller value of the knob is the stronger mitigation (goldfish k, a loss floor)."""
+    return control.rsplit(".", 1)[-1] in ("k", "floor")
+
+
 def format_report(report: Mapping[str, Any]) -> str:
     """Render a report as a two-column text table.
+
+    Only the rows that apply to the model's kind are shown: a diffusion run (a ``ReplicaMonitor``
+    and no ``MemorizationMonitor``) gets its replication figures and the path of the replica
+    picture, and no goldfish / probe / exact-match rows. A ``MemorizationBudget`` adds its
+    trajectory below the table (:func:`format_budget`).
 
     Args:
         report: a dict from :func:`build_report` (or ``json.load`` of ``report.json``).
@@ -319,31 +458,35 @@ def format_report(report: Mapping[str, Any]) -> str:
         | held-out loss (val_loss)    | 2.0000 |
         +-----------------------------+--------+
     """
+    lm = _kind(report) == "lm"
+    metrics = report.get("metrics") or {}
     gf = report.get("goldfish")
     goldfish = "off" if not gf else f"k={gf.get('k')}, h={gf.get('h')}, seed={gf.get('seed')}"
     audit = _audit_rows(report)  # an audit ran no training-time section: no goldfish row
-    rows: list[tuple[str, str]] = audit or [("goldfish", goldfish)]
+    rows: list[tuple[str, str]] = audit or ([("goldfish", goldfish)] if lm or gf else [])
     others = {
         k: v for k, v in (report.get("sections") or {}).items() if v is not None and k != "goldfish" and not k.endswith("monitor")
     }
     for name, section in others.items():
-        args = section.get("init_args", {}) if isinstance(section, Mapping) else {}
-        shown = {k: v for k, v in args.items() if k in _SECTION_KNOBS and v is not None}
-        rows.append((name, ", ".join(f"{k}={v}" for k, v in shown.items()) or "on"))
+        rows.append(_section_row(name, section))
     rows += _dp_rows(report)
-    n, p, s = report.get("num_probes"), report.get("prefix_length"), report.get("suffix_length")
-    if n is not None:
-        rows.append(("probes", f"{n} training sequences, {p}-token prefix -> {s}-token suffix"))
-    rows += [
-        ("exact match", _fmt(report.get("exact_match"))),
-        ("token match", _fmt(report.get("token_match"))),
-        ("near-verbatim (edit >= 0.9)", _fmt(report.get("near_verbatim"))),
-        ("held-out loss (val_loss)", _fmt(report.get("val_loss"))),
-    ]
-    rows += _measure_rows(report.get("metrics") or {})
+    monitors = [m for m in report.get("monitors") or [] if isinstance(m, Mapping)]
+    main = next((m for m in monitors if m.get("log_prefix") == "memorization"), monitors[0] if monitors else None)
+    if lm:
+        if report.get("num_probes") is not None:
+            several = len(monitors) > 1  # name the main monitor's probes when another monitor has its own
+            rows.append(("memorization probes" if several else "probes", _probe_text(main or report)))
+        rows += [
+            ("exact match", _fmt(report.get("exact_match"))),
+            ("token match", _fmt(report.get("token_match"))),
+            ("near-verbatim (edit >= 0.9)", _fmt(report.get("near_verbatim"))),
+        ]
+    rows.append(("held-out loss (val_loss)", _fmt(report.get("val_loss"))))
+    if lm:
+        rows += _measure_rows(metrics)
     optional = [
         ("best held-out loss", "best_val_loss", 4),
-        ("train loss (last epoch, trained targets)", "train_loss", 4),
+        ("train loss (last epoch, trained targets)" if lm else "train loss (last epoch)", "train_loss", 4),
         ("memorization measured after epoch", "memorization_after_epochs", 0),
         ("train wall time (s)", "train_wall_time_s", 1),
         ("audit wall time (s)", "audit_wall_time_s", 1),
@@ -361,20 +504,23 @@ def format_report(report: Mapping[str, Any]) -> str:
     if after is not None and epochs is not None and after != epochs:
         rows.append(("WARNING", f"memorization is from epoch {after} of {epochs}, not the final model; "
                                 "make max_epochs a multiple of monitor.every_n_epochs"))
-    extra_monitors = sorted(
-        k for k in (report.get("metrics") or {}) if k.endswith("/exact_match") and k != "memorization/exact_match"
-    )
+    extra_monitors = sorted(k for k in metrics if k.endswith("/exact_match") and k != "memorization/exact_match")
     for key in extra_monitors:  # a second MemorizationMonitor (another log_prefix), e.g. on duplicated data
         prefix = key[: -len("/exact_match")]
-        for name in ("exact_match", "near_verbatim"):
-            value = report["metrics"].get(f"{prefix}/{name}")
+        entry = next((m for m in monitors if m.get("log_prefix") == prefix), None)
+        if entry is not None and entry.get("num_probes") is not None:
+            rows.append((f"{prefix} probes", _probe_text(entry)))
+        for name in ("exact_match", "token_match", "near_verbatim"):
+            value = metrics.get(f"{prefix}/{name}")
             if value is not None:
                 rows.append((f"{prefix}/{name}", _fmt(value)))
-    replication = {k: v for k, v in (report.get("metrics") or {}).items() if k.startswith("replication/")}
+    replication = {k: v for k, v in metrics.items() if k.startswith("replication/")}
     for name in _REPLICATION_ROWS:  # ReplicaMonitor (diffusion): replicas, fidelity, diversity
         if f"replication/{name}" in replication:
             rows.append((f"replication/{name}", _fmt(replication[f"replication/{name}"])))
-    mia = {k: v for k, v in (report.get("metrics") or {}).items() if "/mia/" in k and k.endswith("/auc")}
+    for path in report.get("replica_pictures") or []:
+        rows.append(("replica picture (PNG)", str(path)))
+    mia = {k: v for k, v in metrics.items() if "/mia/" in k and k.endswith("/auc")}
     for key, value in sorted(mia.items()):
         rows.append((f"MIA {key.split('/mia/', 1)[1]}", _fmt(value)))
     if report.get("report_path"):
@@ -385,6 +531,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     out = [line, f"| {'metric'.ljust(w1)} | {'value'.ljust(w2)} |", line]
     out += [f"| {a.ljust(w1)} | {b.ljust(w2)} |" for a, b in rows]
     out.append(line)
+    budget = format_budget(report)
+    if budget:
+        out += ["", budget]
     return "\n".join(out)
 
 

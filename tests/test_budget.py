@@ -239,3 +239,45 @@ def test_ddp_every_rank_applies_rank_zero_decision(tmp_path):
     assert ranks[0]["history"] == ranks[1]["history"] == expected
     assert ranks[0]["k"] == ranks[1]["k"] == 8
     assert ranks[0]["state"] == ranks[1]["state"]
+
+
+def test_log_line_report_and_history_agree_on_the_epoch(tmp_path):
+    """The log line and the report both say "after epoch N" (1-based); history stores N - 1."""
+    import logging
+
+    from antimemo.report import build_report, format_report
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Keep(logging.INFO)
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    log.addHandler(handler)
+    old_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        goldfish = GoldfishTokenDropout(k=16, h=2)
+        monitor = ScriptedMonitor([0.3, 0.07, 0.0], every=2)
+        budget = MemorizationBudget(control="goldfish.k", max_value=0.1, relax_patience=2)
+        trainer = _trainer(tmp_path, [goldfish, monitor, budget], epochs=6, enable_checkpointing=False)
+        trainer.fit(TinyLM())
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+    assert [h[0] for h in budget.history] == [1, 3, 5]  # 0-based trainer.current_epoch
+    changes = [line for line in lines if line.startswith("MemorizationBudget:")]
+    assert len(changes) == 1 and "after epoch 2: goldfish.k 16 -> 8 (stronger)" in changes[0], changes
+    report = build_report(trainer)
+    assert report["budget"]["history"] == budget.history and report["budget"]["control"] == "goldfish.k"
+    text = format_report(report)
+    table = text[text.index("MemorizationBudget: goldfish.k keeping memorization/exact_match <= 0.1"):].splitlines()
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table if line.startswith("| ") and "after epoch" not in line]
+    assert rows == [
+        ["start", "16", ""],
+        ["2", "8 (stronger)", "0.3000"],
+        ["4", "8", "0.0700"],
+        ["6", "8", "0.0000"],
+    ]

@@ -351,8 +351,8 @@ class MemorizationBudget(pl.Callback):
             self._set(new)
             direction = "stronger" if (new < old) == (self.stronger == "decrease") else "weaker"
             rank_zero_info(
-                f"MemorizationBudget: {self.metric}={figure:.4f} (budget {self.max_value:g}) at epoch "
-                f"{trainer.current_epoch}: {self.control} {old} -> {new} ({direction})"
+                f"MemorizationBudget: {self.metric}={figure:.4f} (budget {self.max_value:g}) after epoch "
+                f"{trainer.current_epoch + 1}: {self.control} {old} -> {new} ({direction})"
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
