@@ -318,3 +318,31 @@ def test_cli_errors(tmp_path, capsys):
     assert "is empty" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --out is required
         _run([str(empty)])
+
+
+def test_cli_recipe_preview_is_decoded_text(tmp_path, capsys):
+    """A recipe's DataModule decoder (TextDataModule.tokenizer.decode) turns the preview into text."""
+    from antimemo.lm.data import TextDataModule
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data:\n  seq_len: 32\n  num_train: 40\n  num_holdout: 8\n  duplicates: 2\n  duplicate_copies: 3\n")
+    assert _run([str(recipe), "--out", str(tmp_path / "r.npz"), "--no_progress"]) == 0
+    printed = capsys.readouterr().out
+    dm = TextDataModule(seq_len=32, num_train=40, num_holdout=8, duplicates=2, duplicate_copies=3)
+    dm.setup("fit")
+    text = " ".join(dm.tokenizer.decode(dm.train_dataset[0]["input_ids"]).split())
+    assert "previews decoded with TextDataModule.tokenizer.decode" in printed
+    line = next(x for x in printed.splitlines() if x.startswith("  cluster 0 example 0: "))
+    assert repr(text)[:60] in line
+    ids = " ".join(str(int(v)) for v in dm.train_dataset[0]["input_ids"][:5])
+    assert ids not in line  # text, not token ids
+
+
+def test_cli_tokens_without_decoder_say_the_preview_is_ids(tmp_path, capsys):
+    src = tmp_path / "tokens.jsonl"
+    rows = [{"input_ids": [1, 2, 3, 4, 5, 6]}, {"input_ids": [9, 9, 9]}, {"input_ids": [1, 2, 3, 4, 5, 6]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert _run([str(src), "--out", str(tmp_path / "i.npz"), "--no_progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "previews are token ids: the source has no decoder" in printed
+    assert "cluster 0 example 0: 1 2 3 4 5 6" in printed

@@ -79,6 +79,11 @@ def _recipe_path(source: str) -> Path | None:
 
 
 def _recipe_dataset(path: Path) -> Any:
+    return _recipe_data(path)[1]
+
+
+def _recipe_data(path: Path) -> tuple[Any, Any]:
+    """The recipe's DataModule (after ``setup("fit")``) and its training dataset."""
     import yaml
 
     if not path.is_file():
@@ -116,7 +121,21 @@ def _recipe_dataset(path: Path) -> Any:
     dataset = getattr(dm, "train_dataset", None)
     if dataset is None:
         dataset = dm.train_dataloader().dataset
-    return dataset
+    return dm, dataset
+
+
+def _decoder(dm: Any) -> tuple[Any, str] | None:
+    """A ``token ids -> text`` function of a DataModule, with its name for the output: its
+    ``decode`` attribute, else its ``tokenizer.decode`` (``TextDataModule``'s byte tokenizer, a
+    Hugging Face tokenizer); ``None`` when it has neither."""
+    decode = getattr(dm, "decode", None)
+    if callable(decode):
+        return decode, f"{type(dm).__name__}.decode"
+    tokenizer = getattr(dm, "tokenizer", None)
+    decode = getattr(tokenizer, "decode", None)
+    if callable(decode):
+        return decode, f"{type(dm).__name__}.tokenizer.decode"
+    return None
 
 
 def load_source(source: str, field: str | None = None) -> tuple[str, Any]:
@@ -135,11 +154,18 @@ def load_source(source: str, field: str | None = None) -> tuple[str, Any]:
         >>> load_source(str(p))[0]
         'tokens'
     """
+    kind, items, _ = _load(source, field)
+    return kind, items
+
+
+def _load(source: str, field: str | None = None) -> tuple[str, Any, tuple[Any, str] | None]:
+    """:func:`load_source` plus the recipe DataModule's decoder for the preview (:func:`_decoder`)."""
     from antimemo.dedup.datasets import LineFile, dataset_view
 
     recipe = _recipe_path(source)
     if recipe is not None:
-        return dataset_view(_recipe_dataset(recipe))
+        dm, dataset = _recipe_data(recipe)
+        return (*dataset_view(dataset), _decoder(dm))
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(
@@ -148,17 +174,30 @@ def load_source(source: str, field: str | None = None) -> tuple[str, Any]:
     if path.suffix.lower() not in (".txt", ".jsonl", ".ndjson", ".text", ""):
         raise ValueError(f"unsupported file type {path.suffix!r} for {source!r}: use .txt (one example per line) or .jsonl")
     f = LineFile(path, field=field)
-    return f.kind, f
+    return f.kind, f, None
 
 
-def _preview(value: Any, width: int = 70) -> str:
+def _preview(value: Any, width: int = 70, decode: Any = None) -> str:
+    """One line showing an example: its text, its token ids decoded with ``decode`` (quoted), the
+    ids themselves without a decoder, or an image's shape."""
     if isinstance(value, str):
         text = " ".join(value.split())
     elif hasattr(value, "shape") and getattr(value, "ndim", 1) > 1:
         return f"<image {tuple(value.shape)}>"
+    elif decode is not None:
+        ids = [int(v) for v in list(value)]
+        try:
+            text = repr(" ".join(str(decode(ids)).split()))
+        except Exception:  # noqa: BLE001 - a preview never fails the verb: fall back to the ids
+            text = " ".join(str(v) for v in ids[:20])
     else:
         text = " ".join(str(int(v)) for v in list(value)[:20])
     return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _item_ids(item: Any) -> Any:
+    """An example as dataset_view gives it (text, ids, image); a dict's ``input_ids``."""
+    return item["input_ids"] if isinstance(item, dict) and "input_ids" in item else item
 
 
 def run(args: argparse.Namespace) -> int:
@@ -190,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        kind, items = load_source(args.source, args.field)
+        kind, items, decoder = _load(args.source, args.field)
         progress = not args.no_progress
         if kind == "images":
             kwargs: dict[str, Any] = {"progress": progress}
@@ -224,9 +263,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"source: {args.source}")
     print(index.format_summary(args.top_k))
-    for c in summary["largest_clusters"]:
-        if c["size"] > 1:
-            print(f"  cluster {c['cluster']} example {c['first_examples'][0]}: {_preview(items[c['first_examples'][0]])}")
+    shown = [c for c in summary["largest_clusters"] if c["size"] > 1]
+    decode = decoder[0] if decoder is not None and kind == "tokens" else None
+    if shown and kind == "tokens":
+        print(f"  previews decoded with {decoder[1]}" if decode is not None
+              else "  previews are token ids: the source has no decoder (a recipe DataModule's decode or tokenizer.decode)")
+    for c in shown:
+        example = c["first_examples"][0]
+        print(f"  cluster {c['cluster']} example {example}: {_preview(_item_ids(items[example]), decode=decode)}")
     print(f"index written to {out}")
     return 0
 
