@@ -37,8 +37,20 @@ from antimemo.functional.regularizers import (
     truncation_threshold,
 )
 from antimemo.functional.untargeted import nv_recall, untargeted_prompts
+from antimemo.functional.text_diversity import (
+    distinct_n,
+    ngram_entropy,
+    rare_ngrams,
+    tail_coverage,
+    tail_probability_coverage,
+)
 
 __all__ = [
+    "distinct_n",
+    "ngram_entropy",
+    "rare_ngrams",
+    "tail_coverage",
+    "tail_probability_coverage",
     "nv_recall",
     "untargeted_prompts",
     "example_tied_dropout",

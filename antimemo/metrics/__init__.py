@@ -9,6 +9,8 @@
 - :class:`MembershipInference`: ROC AUC and TPR@FPR of loss, zlib, Min-K% and Min-K%++ attacks.
 - :class:`ReplicaRate`, :class:`GenerationDiversity`, :class:`FeatureFrechetDistance`: image
   replication, diversity and fidelity of generated images (diffusion).
+- :class:`TextDiversity`, :class:`TailCoverage`: distinct-n, n-gram entropy and rare-n-gram
+  (tail) coverage of generated text (model collapse).
 
 The math lives in :mod:`antimemo.functional`; this package never imports Lightning.
 """
@@ -18,6 +20,7 @@ from antimemo.metrics.exposure import CanaryExposure
 from antimemo.metrics.extraction import ExtractableMemorization
 from antimemo.metrics.membership import MembershipInference
 from antimemo.metrics.replica import FeatureFrechetDistance, GenerationDiversity, ReplicaRate
+from antimemo.metrics.text_diversity import TailCoverage, TextDiversity
 from antimemo.metrics.untargeted import UntargetedExtraction
 
 __all__ = [
@@ -28,5 +31,7 @@ __all__ = [
     "GenerationDiversity",
     "MembershipInference",
     "ReplicaRate",
+    "TailCoverage",
+    "TextDiversity",
     "UntargetedExtraction",
 ]
