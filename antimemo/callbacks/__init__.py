@@ -4,6 +4,7 @@ from antimemo.callbacks.budget import MemorizationBudget
 from antimemo.callbacks.conditioning import ConditioningNoise, LabelRandomization
 from antimemo.callbacks.dedup import DedupSampling
 from antimemo.callbacks.dp import DifferentialPrivacy
+from antimemo.callbacks.diversity_monitor import DiversityMonitor
 from antimemo.callbacks.goldfish import GOLDFISH_PRETRAINING_PRESET, GoldfishTokenDropout
 from antimemo.callbacks.monitor import MemorizationMonitor
 from antimemo.callbacks.regularizers import (
@@ -22,6 +23,7 @@ __all__ = [
     "GOLDFISH_PRETRAINING_PRESET",
     "DedupSampling",
     "DifferentialPrivacy",
+    "DiversityMonitor",
     "ExampleTiedDropout",
     "GoldfishTokenDropout",
     "LossFloor",
