@@ -62,7 +62,7 @@ def test_cli_merge_writes_the_combined_table_and_plot(tmp_path, two, capsys):
     assert float(by[("goldfish.k-none", "1")]["exact_match"]) == pytest.approx(0.91)
     assert by[("loss_floor.floor-1.0", "0")]["goldfish.k"] == ""  # key not part of that cell
     summary = (out / "summary.md").read_text()
-    assert f"Merged from: {a} (4 runs, 2 seed(s), overrides: none); {b} (2 runs" in summary
+    assert f"Merged from: {a} (4 runs, 2 seeds, overrides: none); {b} (2 runs, 1 seed, overrides" in summary
     assert "| 0.1 | floor=1.0 |" in summary  # the best cell under 0.1 comes from the second source
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     assert summary in capsys.readouterr().out

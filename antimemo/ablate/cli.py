@@ -117,7 +117,8 @@ def report(
     ]
     if info.get("merged_from"):
         notes[0] = "Merged from: " + "; ".join(
-            f"{m['out']} ({m['runs']} runs, {m['seeds']} seed(s), overrides: {' '.join(m['base_overrides']) or 'none'})"
+            f"{m['out']} ({plural(m['runs'], 'run')}, {plural(m['seeds'], 'seed')}, overrides: "
+            f"{' '.join(m['base_overrides']) or 'none'})"
             for m in info["merged_from"]
         ) + "."
     text = render_summary(stats, grid_keys, budgets or DEFAULT_BUDGETS, memorization, fidelity, fidelity_mode, notes=notes)
@@ -130,6 +131,26 @@ def report(
     if not quiet:
         print("\n" + text, flush=True)
     return text
+
+
+def plural(n: Any, word: str) -> str:
+    """``"1 seed"``, ``"3 seeds"`` (``n`` as given when it is not an integer).
+
+    Example:
+        >>> plural(1, "seed"), plural(3, "seed"), plural(0, "run")
+        ('1 seed', '3 seeds', '0 runs')
+    """
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _plan_text(runs: int, cells: int, seeds: int) -> str:
+    """``"2 runs (2 cells x 1 seed)"``.
+
+    Example:
+        >>> _plan_text(2, 2, 1), _plan_text(1, 1, 1)
+        ('2 runs (2 cells x 1 seed)', '1 run (1 cell x 1 seed)')
+    """
+    return f"{plural(runs, 'run')} ({plural(cells, 'cell')} x {plural(seeds, 'seed')})"
 
 
 def run(
@@ -208,9 +229,9 @@ def run(
         prefix = " ".join(command or default_command())
         for r in runs:
             print(f"{prefix} {' '.join(r.args)}")
-        print(f"# {len(runs)} runs ({cells} cells x {args.seeds} seeds) in {out}")
+        print(f"# {_plan_text(len(runs), cells, args.seeds)} in {out}")
         return 0
-    print(f"antimemo ablate: {len(runs)} runs ({cells} cells x {args.seeds} seeds) in {out}", flush=True)
+    print(f"antimemo ablate: {_plan_text(len(runs), cells, args.seeds)} in {out}", flush=True)
     import signal
 
     def _terminate(signum: int, frame: Any) -> None:  # SIGTERM: stop the children like Ctrl-C does

@@ -65,6 +65,8 @@ __all__ = [
     "live_lock",
     "load_manifest",
     "plan_runs",
+    "progress_postfix",
+    "run_progress",
     "write_manifest",
 ]
 
@@ -420,6 +422,117 @@ def _kill(proc: subprocess.Popen[Any], grace: float = 5.0) -> None:
             continue
 
 
+def _tail_lines(path: Path, limit: int = 16384) -> tuple[str, list[str]]:
+    """The first line of a text file and its last lines (read from the last ``limit`` bytes)."""
+    with open(path, "rb") as f:
+        head = f.readline().decode("utf-8", "replace").strip()
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - limit))
+        tail = f.read().decode("utf-8", "replace").splitlines()
+    return head, tail
+
+
+def _latest_epoch(run_dir: Path, since: float = 0.0) -> int | None:
+    """The latest 1-based epoch a child has reached, from files written since ``since``.
+
+    Sources: the ``epoch`` column of ``metrics.csv`` (Lightning's ``CSVLogger``, its default logger
+    without TensorBoard; the 0-based epoch being trained, written at every logged step) and the
+    names of epoch-end checkpoints (``epoch=E-step=S.ckpt``: epoch ``E + 1`` done). ``None``
+    when neither exists yet (another logger, no checkpoints).
+    """
+    import re
+
+    best: int | None = None
+    for path in run_dir.rglob("metrics.csv"):
+        try:
+            if path.stat().st_mtime < since:
+                continue  # an earlier, failed attempt's file
+            head, tail = _tail_lines(path)
+        except OSError:
+            continue
+        columns = head.split(",")
+        if "epoch" not in columns:
+            continue
+        col = columns.index("epoch")
+        for line in reversed(tail):
+            cells = line.split(",")
+            if len(cells) == len(columns) and cells[col].strip():
+                try:
+                    epoch = int(float(cells[col])) + 1
+                except ValueError:
+                    continue
+                best = epoch if best is None else max(best, epoch)
+                break
+    for path in run_dir.rglob("epoch=*.ckpt"):
+        found = re.match(r"epoch=(\d+)", path.name)
+        try:
+            fresh = path.stat().st_mtime >= since
+        except OSError:
+            continue
+        if found and fresh:
+            best = int(found.group(1)) + 1 if best is None else max(best, int(found.group(1)) + 1)
+    return best
+
+
+def _max_epochs(run: Run) -> int | None:
+    """``trainer.max_epochs`` of a run: from the ``config.yaml`` its child saved (LightningCLI's
+    ``SaveConfigCallback``), else from a ``--trainer.max_epochs`` argument; ``None`` if unknown."""
+    for path in sorted(run.dir.rglob("config.yaml"), key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            import yaml
+
+            value = ((yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("trainer") or {}).get("max_epochs")
+        except (OSError, ValueError, AttributeError, ImportError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    value = None
+    for i, arg in enumerate(run.args):  # the last one wins, as in the child's parser
+        if arg.startswith("--trainer.max_epochs="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--trainer.max_epochs" and i + 1 < len(run.args):
+            value = run.args[i + 1]
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
+
+
+def run_progress(run: Run, since: float = 0.0) -> str | None:
+    """``"epoch 3/60"``: the latest epoch a running child has reached (1-based, see
+    :func:`_latest_epoch`) out of its ``max_epochs``; ``None`` before its first logged step.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); v = d / "lightning_logs" / "version_0"; v.mkdir(parents=True)
+        >>> _ = (v / "metrics.csv").write_text("epoch,step,train_loss\\n0,15,2.5\\n2,47,2.1\\n")
+        >>> run_progress(Run("k-2", {}, 0, d, ["--trainer.max_epochs=60"]))
+        'epoch 3/60'
+    """
+    epoch = _latest_epoch(run.dir, since)
+    if epoch is None:
+        return None
+    total = _max_epochs(run)
+    return f"epoch {epoch}" if total is None else f"epoch {min(epoch, total)}/{total}"
+
+
+def progress_postfix(running: Sequence[tuple[Run, float]], failed: int = 0) -> str:
+    """The progress bar's postfix: ``"failed=1, k-2/seed0: epoch 3/60, k-4/seed0: starting"``.
+
+    Args:
+        running: ``(run, start time)`` of each running child (see :func:`run_progress`).
+        failed: runs failed so far (shown when > 0).
+
+    Example:
+        >>> progress_postfix([(Run("k-2", {}, 0, Path("/nonexistent"), []), 0.0)], failed=1)
+        'failed=1, k-2/seed0: starting'
+    """
+    parts = [f"failed={failed}"] if failed else []
+    for run, since in running:
+        parts.append(f"{run.cell}/seed{run.seed}: {run_progress(run, since) or 'starting'}")
+    return ", ".join(parts)
+
+
 def execute(
     runs: Sequence[Run],
     jobs: int = 1,
@@ -428,7 +541,9 @@ def execute(
     progress: bool = True,
     poll_interval: float = 0.2,
 ) -> RunOutcome:
-    """Run every unfinished run, ``jobs`` processes at a time, with an overall progress bar.
+    """Run every unfinished run, ``jobs`` processes at a time, with an overall progress bar whose
+    postfix shows each running child's epoch (``k-2/seed0: epoch 3/60``, :func:`run_progress`,
+    refreshed every 2 s) and the failures so far.
 
     Each child is ``command + run.args`` (default ``python -m antimemo.cli fit ...``), started
     in its own process group with its stdout and stderr appended to ``<run dir>/run.log`` and
@@ -481,6 +596,16 @@ def execute(
 
         bar = tqdm(total=len(runs), initial=outcome.skipped, desc="ablate", unit="run", dynamic_ncols=True)
     active: list[tuple[subprocess.Popen[Any], Run, Any]] = []
+    started: dict[int, float] = {}  # id(run) -> when its child started (older files are a failed attempt's)
+    last_postfix = [0.0]
+
+    def show(force: bool = False) -> None:
+        """The bar's postfix: failures, then each running child's epoch (every 2 s at most)."""
+        if bar is None or (not force and time.monotonic() - last_postfix[0] < 2.0):
+            return
+        last_postfix[0] = time.monotonic()
+        bar.set_postfix_str(progress_postfix(
+            [(r, started.get(id(r), 0.0)) for _, r, _ in active], len(outcome.failed)), refresh=True)
 
     launcher = _launch_prefix()
 
@@ -517,6 +642,7 @@ def execute(
             "pid": proc.pid, "start_time": _start_time(proc.pid), "runner_pid": os.getpid(),
             "runner_start_time": _start_time(os.getpid()), "command": command + run.args,
         }) + "\n")
+        started[id(run)] = time.time() - 1.0  # file times have coarse resolution on some filesystems
         active.append((proc, run, log))
 
     def finish(proc: subprocess.Popen[Any], run: Run, log: Any) -> None:
@@ -543,7 +669,6 @@ def execute(
             (bar.write(message) if bar is not None else print(message, file=sys.stderr))
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(failed=len(outcome.failed), refresh=True)
 
     queue = list(pending)
     try:
@@ -557,7 +682,9 @@ def execute(
                     still.append((proc, run, log))
                 else:
                     finish(proc, run, log)
+            changed = len(still) != len(active)
             active[:] = still
+            show(force=changed)
     except BaseException:
         for proc, run, log in active:
             _kill(proc)

@@ -2,7 +2,8 @@
 
 Per cell (over its finished seeds): ``n`` (finished runs), then mean ± sample standard deviation
 (``ddof=1``; just the mean when ``n == 1``) of the memorization figure, token match,
-near-verbatim, MIA AUC, held-out loss, best held-out loss, perplexity, epsilon (when any run
+near-verbatim, MIA AUC (4 decimals, more when an AUC below 1 would print as 1:
+:func:`format_auc`), held-out loss, best held-out loss, perplexity, epsilon (when any run
 has it) and wall time.
 
 **Best cell per budget.** For each budget ``b`` (default ``exact_match <= 0.01, 0.05, 0.1``),
@@ -30,10 +31,12 @@ from typing import Any
 from antimemo._atomic import atomic_write_text
 
 __all__ = [
+    "AUC_DIGITS",
     "DEFAULT_BUDGETS",
     "SUMMARY_MD",
     "CellStats",
     "best_per_budget",
+    "format_auc",
     "render_summary",
     "summarize",
     "write_summary",
@@ -44,11 +47,15 @@ SUMMARY_MD = "summary.md"
 #: Default memorization budgets (exact match).
 DEFAULT_BUDGETS = (0.01, 0.05, 0.1)
 
+#: Decimals of an AUC column: 4, so that 0.9995 does not print as 1.000 beside a baseline's 1.0000;
+#: an AUC that still rounds to 1 without being 1 gets up to 6 (:func:`format_auc`).
+AUC_DIGITS = 4
+
 _COLUMNS = [
     ("exact_match", "exact match", 4),
     ("token_match", "token match", 4),
     ("near_verbatim", "near-verbatim", 4),
-    ("mia_auc", "MIA AUC (max)", 3),
+    ("mia_auc", "MIA AUC (max)", AUC_DIGITS),
     ("val_loss", "held-out loss", 4),
     ("best_val_loss", "best held-out loss", 4),
     ("perplexity", "perplexity", 3),
@@ -171,11 +178,25 @@ def best_per_budget(
     return out
 
 
+def format_auc(value: float, digits: int = AUC_DIGITS, max_digits: int = 6) -> str:
+    """An AUC with ``digits`` decimals, more (up to ``max_digits``) while a value below 1 would
+    print as 1, so a cell at 0.99995 and a baseline at exactly 1 never look the same.
+
+    Example:
+        >>> format_auc(0.9995), format_auc(1.0), format_auc(0.99996), format_auc(0.5)
+        ('0.9995', '1.0000', '0.99996', '0.5000')
+    """
+    while value < 1.0 and f"{value:.{digits}f}" == f"{1.0:.{digits}f}" and digits < max_digits:
+        digits += 1
+    return f"{value:.{digits}f}"
+
+
 def _cell(stats: CellStats, key: str, digits: int) -> str:
     if key not in stats.mean:
         return "n/a"
     m, s = stats.mean[key], stats.std.get(key)
-    return f"{m:.{digits}f}" if s is None else f"{m:.{digits}f} ± {s:.{digits}f}"
+    mean = format_auc(m, digits) if key == "mia_auc" or key.endswith("_auc") else f"{m:.{digits}f}"
+    return mean if s is None else f"{mean} ± {s:.{digits}f}"
 
 
 def render_summary(
