@@ -20,6 +20,16 @@ it back with ``json.load``. Keys:
   noise), ``nonprivate_start`` / ``nonprivate_steps`` (steps trained without DP before the private
   start, which epsilon does not cover) and ``statement``. The printed table never shows epsilon
   without these.
+- ``kind``: ``"diffusion"`` when a ``ReplicaMonitor`` ran and no ``MemorizationMonitor``, else
+  ``"lm"``; the table shows only the rows of that kind (no goldfish / probe / exact-match rows
+  for diffusion).
+- ``monitors``: per ``MemorizationMonitor``, its ``log_prefix``, ``probe_dataset`` and probe
+  protocol (``num_probes``, ``prefix_length``, ``suffix_length``); the top-level memorization keys
+  are the ``memorization/`` monitor's (else the first one's).
+- ``budget``: ``None`` without ``MemorizationBudget``; otherwise ``control``, ``metric``,
+  ``max_value``, ``bounds``, ``stronger``, ``value`` and ``history`` (``[[epoch, figure, old,
+  new], ...]``, ``epoch`` 0-based; the table prints "after epoch ``epoch + 1``").
+- ``replica_pictures``: the last picture path of each ``ReplicaMonitor`` that saved one.
 - ``environment``: Python, torch, lightning, transformers versions, platform, CPU count, threads.
 - ``antimemo audit`` reports (:mod:`antimemo.audit`) also hold ``verb: "audit"``, ``checkpoint``
   (``path``, ``epoch``, ``global_step``, or ``None``), ``model_class``, ``model_path``,
