@@ -14,7 +14,8 @@ must still show when paired:
 - example_tied_dropout: the hooked MLP's training outputs are masked;
 - monitor: it evaluated and logged memorization/exact_match;
 - budget: it moved its knob (its partner's knob when the partner has one, else goldfish's);
-- watermark (WatermarkFilter, policy='drop'): the 4 watermarked rows are never trained on.
+- watermark (WatermarkFilter, policy='drop'): the 4 watermarked rows are never trained on;
+- diversity (DiversityMonitor): it evaluated and logged diversity/distinct_2 and tail coverage.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader
 from antimemo.callbacks import (
     DedupSampling,
     DifferentialPrivacy,
+    DiversityMonitor,
     ExampleTiedDropout,
     GoldfishTokenDropout,
     LossFloor,
@@ -53,7 +55,7 @@ warnings.filterwarnings("ignore", ".*clips per-sample gradients but adds no nois
 
 VOCAB, LENGTH = 48, 12
 LM = ("goldfish", "dedup", "dp", "loss_floor", "loss_truncation", "spectral_norm", "example_tied_dropout", "monitor", "budget",
-      "watermark")  # fmt: skip
+      "watermark", "diversity")  # fmt: skip
 REFUSED = {frozenset({"dp", "loss_truncation"}), frozenset({"dedup", "watermark"})}
 WM = {"gamma": 0.25, "key": 7}
 KNOBS = {"goldfish": "goldfish.k", "loss_floor": "loss_floor.floor", "loss_truncation": "loss_truncation.c",
@@ -168,6 +170,8 @@ def _member(name, partner=None):
         return [MemorizationMonitor(num_probes=4, prefix_length=4, suffix_length=4, batch_size=4)]
     if name == "watermark":
         return [WatermarkFilter(policy="drop", **WM)]
+    if name == "diversity":
+        return [DiversityMonitor(num_samples=4, num_tokens=6, prompt_length=4, batch_size=4, vocab_size=VOCAB)]
     if name == "budget":
         # relax_below=1 with max_value=1: every evaluation (figure < 1) relaxes the knob one step
         control = KNOBS.get(partner, "goldfish.k")
@@ -237,6 +241,10 @@ def _check_effect(name, trainer, module, rec, partner):
     elif name == "monitor":
         monitor = _get(trainer, MemorizationMonitor)
         assert monitor.history and "memorization/exact_match" in trainer.callback_metrics
+    elif name == "diversity":
+        monitor = _get(trainer, DiversityMonitor)
+        assert monitor.history and 0.0 < float(trainer.callback_metrics["diversity/distinct_2"]) <= 1.0
+        assert "diversity/tail_coverage" in trainer.callback_metrics
     elif name == "watermark":
         wf = _get(trainer, WatermarkFilter)
         assert set(wf.kept_indices) == set(range(20)) - WATERMARKED  # the detector flags exactly the planted rows
