@@ -107,6 +107,12 @@ def _audit_verb(argv: list[str]) -> int:
     return run(argv)
 
 
+def _recursive_verb(argv: list[str]) -> int:
+    from antimemo.collapse.cli import main as recursive_main
+
+    return recursive_main(argv)
+
+
 def _dedup_verb(argv: list[str]) -> int:
     from antimemo.dedup import cli as dedup_cli
 
@@ -123,6 +129,8 @@ VERBS: dict[str, Verb] = {
                   _audit_verb),
     "dedup": Verb("find exact and near duplicates (PATH_OR_RECIPE --out INDEX) and print a summary", _dedup_verb),
     "ablate": Verb("sweep config keys x seeds (--grid KEY=V1,V2 --seeds N --out DIR): results.csv, summary.md, pareto.png", _ablate_verb),
+    "recursive": Verb("train on generated data generation after generation (--mix replace,accumulate,filter): "
+                      "generations.csv, summary.md, collapse.png", _recursive_verb),
 }
 
 

@@ -40,7 +40,7 @@ LOWER = (
     "antimemo.suffix_index",
 )
 LIGHTNING = ("lightning", "pytorch_lightning")
-UPPER = ("antimemo.callbacks", "antimemo.cli", "antimemo.ablate")
+UPPER = ("antimemo.callbacks", "antimemo.cli", "antimemo.ablate", "antimemo.collapse")
 #: (importer prefix, forbidden prefix): the one-way rules between sibling layers.
 FORBIDDEN_BETWEEN = (
     ("antimemo.functional", "antimemo.dedup"),

@@ -1,0 +1,16 @@
+"""Recursive training on generated data (model collapse): ``antimemo recursive``.
+
+- :mod:`antimemo.collapse.loop`: the loop (generation 0 on real data, then replace / accumulate /
+  filter), each fit an ``antimemo fit`` subprocess; ``generations.csv``, ``summary.md``,
+  ``collapse.png``.
+- :mod:`antimemo.collapse.synth`: watermarked sampling from a checkpoint (``WatermarkedLM`` wraps
+  any causal LM for :func:`antimemo.functional.sample_generate`), token files, detection flags.
+
+A pipeline of your own needs none of this: ``GreenListProcessor`` / ``detect_watermark``
+(:mod:`antimemo.watermark`), ``WatermarkFilter`` and ``DiversityMonitor`` (callbacks) and
+``TokenFileDataModule`` are usable directly. This package does not import Lightning.
+"""
+
+from antimemo.collapse.loop import MIXES, CollapsePlan, run_recursive
+
+__all__ = ["MIXES", "CollapsePlan", "run_recursive"]
