@@ -92,7 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"antimemo recursive: error: {err}", file=sys.stderr)
         return 2
-    rows, failures = run_recursive(plan, threads=args.threads, progress=not args.no_progress)
+    try:
+        rows, failures = run_recursive(plan, threads=args.threads, progress=not args.no_progress)
+    except Exception as err:
+        from antimemo._fit_cli import RUN_PHASE_ATTR
+
+        setattr(err, RUN_PHASE_ATTR, True)  # a failure while running keeps its traceback (not a config error)
+        raise
     for line in failures:
         print(f"antimemo recursive: {line}", file=sys.stderr)
     print(f"antimemo recursive: {len(rows)} rows in {plan.out / 'generations.csv'}; table {plan.out / 'summary.md'}; "
