@@ -52,6 +52,7 @@ from antimemo.watermark import GreenListProcessor
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*clips per-sample gradients but adds no noise.*")
+warnings.filterwarnings("ignore", ".*reproducible_noise=True.*")
 
 VOCAB, LENGTH = 48, 12
 LM = ("goldfish", "dedup", "dp", "loss_floor", "loss_truncation", "spectral_norm", "example_tied_dropout", "monitor", "budget",
@@ -160,7 +161,8 @@ def _member(name, partner=None):
     if name == "dedup":
         return [DedupSampling(policy="drop", progress=False, index_kwargs={"threshold": 0.9})]
     if name == "dp":
-        return [DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0)]
+        # reproducible noise: the spectral-norm check compares weights with the same run without the penalty
+        return [DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, reproducible_noise=True)]
     if name == "loss_floor":
         return [LossFloor(floor=100.0)]
     if name == "loss_truncation":
