@@ -41,6 +41,7 @@ from torch.utils.data import (
 )
 
 from antimemo._checks import check_int, is_number
+from antimemo._loaders import worker_kwargs
 from antimemo.callbacks._interactions import CompositionError, check_composition, declare
 from antimemo.callbacks._seams import loader_seam
 from antimemo.watermark import _check_gamma, _check_key, _check_width, detect_watermark
@@ -144,16 +145,7 @@ class WatermarkFilter(pl.Callback):
         """Register the filter on the trainer's train-loader chain (stage ``"fit"`` only)."""
         if stage != "fit":
             return
-        check_composition(trainer)
-        if self.policy == "downweight":
-            for cb in trainer.callbacks:
-                if type(cb).__name__ == "DifferentialPrivacy":
-                    raise CompositionError(
-                        "DifferentialPrivacy + WatermarkFilter are refused together: policy='downweight' samples "
-                        "items with replacement at unequal rates, but the DP accountant assumes Poisson sampling of "
-                        "every example at one rate q, so the reported epsilon would be wrong. Fix: "
-                        "WatermarkFilter(policy='drop') (DP then Poisson-samples the kept items)"
-                    )
+        check_composition(trainer)  # DP + downweight and DedupSampling are refused there (antimemo/callbacks/_interactions.py)
         if self._handle is not None:
             self._handle.remove()
         self._built = False
@@ -277,16 +269,7 @@ class WatermarkFilter(pl.Callback):
                 weights, num_samples=len(dataset), replacement=True,
                 generator=torch.Generator().manual_seed(self.seed),
             )  # fmt: skip
-        kwargs: dict[str, Any] = {
-            "num_workers": loader.num_workers,
-            "pin_memory": loader.pin_memory,
-            "timeout": loader.timeout,
-            "worker_init_fn": loader.worker_init_fn,
-            "multiprocessing_context": loader.multiprocessing_context,
-            "persistent_workers": loader.persistent_workers,
-        }
-        if loader.num_workers > 0:
-            kwargs["prefetch_factor"] = loader.prefetch_factor
+        kwargs = worker_kwargs(loader)
         self._built = True
         return DataLoader(
             new_dataset,

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SequentialSampler, Subset
 
+from antimemo._loaders import worker_kwargs
 from antimemo.dp.sampler import EmptySafeCollate, PoissonBatchSampler
 
 __all__ = ["poisson_loader"]
@@ -90,15 +91,6 @@ def poisson_loader(
         start_draw=start_draw,
         generator=generator,
     )
-    kwargs: dict[str, Any] = {
-        "num_workers": loader.num_workers,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "persistent_workers": loader.persistent_workers,
-    }
-    if loader.num_workers > 0:
-        kwargs["prefetch_factor"] = loader.prefetch_factor
+    kwargs = worker_kwargs(loader)
     new = DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=EmptySafeCollate(loader.collate_fn, dataset), **kwargs)
     return new, q, n
