@@ -56,6 +56,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from antimemo.functional.regularizers import _denominator as denominator
 from antimemo.functional.regularizers import per_sequence_lm_loss
 
 __all__ = [
@@ -63,7 +64,6 @@ __all__ = [
     "LoaderSeam",
     "LossSeam",
     "SequenceLosses",
-    "causal_lms",
     "grad_seam",
     "loader_seam",
     "loss_seam",
@@ -82,21 +82,6 @@ class _Handle:
         if self._remove is not None:
             fn, self._remove = self._remove, None
             fn()
-
-
-def causal_lms(module: nn.Module) -> list[nn.Module]:
-    """Hugging Face decoder-only LMs inside ``module`` (``*ForCausalLM``, ``GPT2LMHeadModel``...)."""
-    try:
-        from transformers import GenerationMixin, PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a core dependency
-        return []
-    return [
-        m
-        for m in module.modules()
-        if isinstance(m, PreTrainedModel)
-        and isinstance(m, GenerationMixin)
-        and not getattr(getattr(m, "config", None), "is_encoder_decoder", False)
-    ]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,10 +109,8 @@ class SequenceLosses:
 
 
 def _denominator(seq: SequenceLosses) -> Tensor:
-    if seq.num_items is not None:
-        d = seq.num_items if isinstance(seq.num_items, Tensor) else torch.tensor(seq.num_items)
-        return d.to(device=seq.values.device, dtype=seq.values.dtype)
-    return seq.num_targets.sum().clamp_min(1).to(seq.values.dtype)
+    d = denominator(seq.num_targets, seq.num_items, seq.values)
+    return d.clamp_min(1) if seq.num_items is None else d  # a batch without targets: loss 0, not NaN
 
 
 def target_weighted_reduction(seq: SequenceLosses) -> tuple[Tensor, Tensor]:
@@ -352,6 +335,7 @@ class LoaderSeam:
         self._trainer = weakref.ref(trainer)
         self._transforms: list[tuple[int, object, Callable[[Any], Any]]] = []
         self._source: Any = None
+        self._applied: set[int] = set()  # id() of the owners whose transform built a loader
         self._had_attr = False
         self._original_attr: Any = None
 
@@ -368,6 +352,21 @@ class LoaderSeam:
         self._transforms.sort(key=lambda t: t[0])
         self._install()
         return _Handle(lambda: self._drop(owner))
+
+    def check_applied(self, owner: object, consequence: str) -> None:
+        """Raise if Lightning built the train loader without running ``owner``'s transform (called
+        in ``on_train_start``): the mitigation would otherwise be silently inert.
+
+        Args:
+            owner: the registered callback.
+            consequence: what training would do instead, e.g. "duplicates would be trained on as usual".
+        """
+        if id(owner) not in self._applied:
+            raise RuntimeError(
+                f"{type(owner).__name__}: the train loader was not built through the trainer's train-loader chain, "
+                f"so {consequence}. Give the loader through LightningModule/DataModule.train_dataloader() or "
+                "trainer.fit(train_dataloaders=...), and do not replace trainer.fit_loop's data source"
+            )
 
     def _install(self) -> None:
         trainer = self._trainer()
@@ -388,8 +387,9 @@ class LoaderSeam:
 
         def dataloader() -> Any:
             loader = original()
-            for _, _, fn in list(self._transforms):
+            for _, owner, fn in list(self._transforms):
                 loader = fn(loader)
+                self._applied.add(id(owner))
             return loader
 
         dataloader._antimemo_loader_seam = (self._had_attr, self._original_attr)  # type: ignore[attr-defined]

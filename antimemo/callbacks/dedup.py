@@ -238,13 +238,9 @@ class DedupSampling(pl.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse to train if the train loader was not built through this callback's sampler."""
-        if self.sampler is None:
-            raise RuntimeError(
-                "DedupSampling: the train loader was not built through the trainer's train-loader chain, so no "
-                "deduplicated sampler is in use and duplicates would be trained on as usual. Give the loader through "
-                "LightningModule/DataModule.train_dataloader() or trainer.fit(train_dataloaders=...), and do not "
-                "replace trainer.fit_loop's data source"
-            )
+        loader_seam(trainer).check_applied(
+            self, "no deduplicated sampler is in use and duplicates would be trained on as usual"
+        )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Select the epoch's order and reset the count of samples trained on."""

@@ -50,9 +50,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from antimemo.dp.accounting import compute_epsilon, noise_multiplier_for, steps_within_budget
-from antimemo.callbacks._seams import causal_lms, grad_seam, loader_seam, loss_seam, per_sequence_reduction
+from antimemo.callbacks._seams import grad_seam, loader_seam, loss_seam, per_sequence_reduction
 from antimemo.dp.config import check_dp_arguments
-from antimemo.dp.hf import install_batched_position_ids, register_grad_samplers
+from antimemo.dp.hf import find_causal_lms, install_batched_position_ids, register_grad_samplers
 from antimemo.dp.loader import poisson_loader
 from antimemo.dp.validate import check_no_tied_ghost, validate_model
 from antimemo.sampling import DedupSampler
@@ -521,7 +521,7 @@ class DifferentialPrivacy(pl.Callback):
 
         for handle in self._seam_handles:
             handle.remove()
-        self._seams = [loss_seam(lm) for lm in causal_lms(pl_module)]
+        self._seams = [loss_seam(lm) for lm in find_causal_lms(pl_module)]
         self._seam_handles = [seam.set_reduction(self, self._reduce) for seam in self._seams]
         self._pos_handles = install_batched_position_ids(pl_module)
         if self.grad_sample_mode == "ghost":

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from antimemo.callbacks._interactions import check_composition, declare
-from antimemo.callbacks._seams import causal_lms, loss_seam, same_labels, track_use, was_used
+from antimemo.callbacks._seams import loss_seam, same_labels, track_use, was_used
+from antimemo.dp.hf import find_causal_lms
 from antimemo.functional.goldfish import (
     _check_exempt,
     _check_h,
@@ -256,7 +257,7 @@ class GoldfishTokenDropout(pl.Callback):
             return
         check_composition(trainer)
         self._release()
-        self._seams = [loss_seam(lm) for lm in causal_lms(pl_module)]
+        self._seams = [loss_seam(lm) for lm in find_causal_lms(pl_module)]
         self._seam_handles = [seam.observe(self) for seam in self._seams]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

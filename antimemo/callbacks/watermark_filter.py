@@ -138,7 +138,6 @@ class WatermarkFilter(pl.Callback):
         self.kept_indices: list[int] | None = None
         self._scored_for: Any = None
         self._handle: Any = None
-        self._built = False
 
     # ------------------------------------------------------------------ installation
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -148,7 +147,6 @@ class WatermarkFilter(pl.Callback):
         check_composition(trainer)  # DP + downweight and DedupSampling are refused there (antimemo/callbacks/_interactions.py)
         if self._handle is not None:
             self._handle.remove()
-        self._built = False
         self._handle = loader_seam(trainer).register(self, 200, self._transform)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -270,7 +268,6 @@ class WatermarkFilter(pl.Callback):
                 generator=torch.Generator().manual_seed(self.seed),
             )  # fmt: skip
         kwargs = worker_kwargs(loader)
-        self._built = True
         return DataLoader(
             new_dataset,
             batch_size=loader.batch_size,
@@ -283,13 +280,7 @@ class WatermarkFilter(pl.Callback):
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Refuse to train if the train loader did not go through the filter."""
-        if not self._built:
-            raise RuntimeError(
-                "WatermarkFilter: the train loader was not built through the trainer's train-loader chain, so "
-                "watermarked items would be trained on as usual. Give the loader through "
-                "LightningModule/DataModule.train_dataloader() or trainer.fit(train_dataloaders=...), and do not "
-                "replace trainer.fit_loop's data source"
-            )
+        loader_seam(trainer).check_applied(self, "watermarked items would be trained on as usual")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log ``watermark/filtered_fraction``."""

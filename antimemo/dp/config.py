@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
+from antimemo._checks import is_number
 from antimemo.dp.accounting import ACCOUNTANTS
 
-__all__ = ["GRAD_SAMPLE_MODES", "check_dp_arguments", "is_number"]
+__all__ = ["GRAD_SAMPLE_MODES", "check_dp_arguments"]
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
-
-
-def is_number(x: object) -> bool:
-    """A real number that is not a bool and not NaN."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)
 
 
 def check_dp_arguments(
@@ -46,19 +41,19 @@ def check_dp_arguments(
             f"noise_multiplier={noise_multiplier!r}, target_epsilon={target_epsilon!r}; e.g. "
             "DifferentialPrivacy(noise_multiplier=1.0) or DifferentialPrivacy(target_epsilon=8.0)"
         )
-    if noise_multiplier is not None and not (is_number(noise_multiplier) and 0 <= noise_multiplier < math.inf):
+    if noise_multiplier is not None and not (is_number(noise_multiplier) and noise_multiplier >= 0):
         raise ValueError(
             f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}; e.g. noise_multiplier=1.0 "
             "(0 clips without noise: epsilon is inf)"
         )
-    if target_epsilon is not None and not (is_number(target_epsilon) and 0 < target_epsilon < math.inf):
+    if target_epsilon is not None and not (is_number(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}; e.g. target_epsilon=8.0")
     if delta is not None and not (is_number(delta) and 0 < delta < 1):
         raise ValueError(
             f"delta must be in (0, 1) and below 1/N for N training examples, got {delta!r}; "
             "or None for 1/(10 N)"
         )
-    if not (is_number(max_grad_norm) and 0 < max_grad_norm < math.inf):
+    if not (is_number(max_grad_norm) and max_grad_norm > 0):
         raise ValueError(f"max_grad_norm must be a finite number > 0, got {max_grad_norm!r}; e.g. max_grad_norm=1.0")
     if epochs is not None:
         if target_epsilon is None:
