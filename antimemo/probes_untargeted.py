@@ -23,6 +23,7 @@ from antimemo._checks import check_int, is_number
 from antimemo.functional.generation import sample_generate
 from antimemo.functional.untargeted import untargeted_prompts
 from antimemo.metrics.untargeted import UntargetedExtraction
+from antimemo.probes import _attention_mask, token_ids
 from antimemo.suffix_index import TokenIndex
 
 __all__ = ["KINDS", "UntargetedConfig", "UntargetedEvaluator"]
@@ -109,14 +110,13 @@ class UntargetedConfig:
 
 
 def _rows(dataset: Any, key: str) -> list[Tensor]:
+    """Every item's text tokens (the monitor's own item reader: positions with attention mask 0 dropped)."""
     out = []
     for i in range(len(dataset)):
         item = dataset[i]
-        ids = item[key] if isinstance(item, Mapping) else item
-        ids = torch.as_tensor(ids).flatten()
-        if isinstance(item, Mapping) and item.get("attention_mask") is not None:
-            ids = ids[torch.as_tensor(item["attention_mask"]).flatten().bool()]
-        out.append(ids.long())
+        ids = token_ids(item, key, f"held-out dataset[{i}]")
+        mask = _attention_mask(item, ids, f"held-out dataset[{i}]")
+        out.append(ids if mask is None else ids[mask])
     return out
 
 
@@ -162,7 +162,7 @@ class UntargetedEvaluator:
                     "'holdout' from untargeted['kinds']"
                 )
             self._holdout_windows = torch.cat(windows)
-        self.vocab_size = int(max(int(r.max()) for r in _rows(train_dataset, key) if r.numel())) + 1
+        self.vocab_size = self.index.max_token_id + 1  # "repeat" prompts draw from the ids seen in training
         self.evaluations = 0
 
     def _baseline_windows(self) -> Tensor | None:

@@ -327,6 +327,16 @@ class TokenIndex:
         return int(self._sa.shape[0])
 
     @property
+    def max_token_id(self) -> int:
+        """The largest token id in the training stream (-1 for an index without content tokens).
+
+        Example:
+            >>> TokenIndex.build([[1, 7], [3]], progress=False).max_token_id
+            7
+        """
+        return int(self._stream.max()) if self._stream.size else -1
+
+    @property
     def max_match_length(self) -> int:
         """Longest run of content tokens inside one document: no match is ever longer."""
         return self._max_run
