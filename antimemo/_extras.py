@@ -20,6 +20,9 @@ EXTRAS: dict[str, str] = {
     "opacus": "dp",
     "datasketch": "bench",
     "pydivsufsort": "extraction",
+    "ray": "ray",
+    "pyarrow": "ray",
+    "peft": "lora",
 }
 
 
