@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from antimemo.callbacks._fit_handle import FitHandle
 from antimemo.callbacks._interactions import check_composition
 from antimemo.callbacks._seams import LossSeam, SequenceLosses, loss_seam
-from antimemo.functional.goldfish import _is_int
+from antimemo._checks import is_int
 
 
 _HF_MODEL_HINT = (
@@ -65,7 +65,7 @@ class SequenceLossCallback(FitHandle):
     def __init__(self, module_name: str = "model", ignore_index: int = -100) -> None:
         super().__init__()
         self.module_name = check_key("module_name", module_name)
-        if not _is_int(ignore_index):
+        if not is_int(ignore_index):
             raise TypeError(
                 f"ignore_index must be an integer label value, got {ignore_index!r}; use -100 (the Hugging "
                 "Face / PyTorch default)"

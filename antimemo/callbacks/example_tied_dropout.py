@@ -12,12 +12,12 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from antimemo.callbacks._lm_loss_hook import check_key, resolve_module
+from antimemo._checks import check_seed
 from antimemo.callbacks._interactions import check_composition, declare
 from antimemo.functional.regularizers import (
     _check_example_ids,
     _check_p_fixed,
     _check_p_mem,
-    _check_seed,
     example_tied_dropout,
 )
 
@@ -129,7 +129,7 @@ class ExampleTiedDropout(pl.Callback):
         super().__init__()
         self.p_fixed = _check_p_fixed(p_fixed)
         self.p_mem = _check_p_mem(p_mem)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.example_ids_key = check_key("example_ids_key", example_ids_key)
         if not example_ids_key:
             raise ValueError("example_ids_key must be a non-empty batch key, e.g. 'example_id'")

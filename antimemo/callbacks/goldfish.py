@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from antimemo._checks import check_seed, is_int
 from antimemo.callbacks._interactions import check_composition, declare
 from antimemo.callbacks._seams import loss_seam, same_labels, track_use, was_used
 from antimemo.dp.hf import find_causal_lms
@@ -24,8 +25,6 @@ from antimemo.functional.goldfish import (
     _check_exempt,
     _check_h,
     _check_k,
-    _check_seed,
-    _is_int,
     _is_integer_dtype,
     goldfish_mask,
 )
@@ -133,8 +132,8 @@ class GoldfishTokenDropout(pl.Callback):
         super().__init__()
         self.k = _check_k(k)
         self.h = _check_h(h)
-        self.seed = _check_seed(seed)
-        if not _is_int(ignore_index):
+        self.seed = check_seed(seed)
+        if not is_int(ignore_index):
             raise TypeError(
                 f"ignore_index must be an integer label value, got {ignore_index!r}; "
                 "use -100 (the Hugging Face / PyTorch default)"

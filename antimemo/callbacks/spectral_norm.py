@@ -8,13 +8,13 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from antimemo._checks import check_seed
 from antimemo.callbacks._lm_loss_hook import check_key, resolve_module
 from antimemo.callbacks._seams import grad_seam
 from antimemo.callbacks._interactions import check_composition, declare
 from antimemo.functional.regularizers import (
     _check_lam,
     _check_n_power_iterations,
-    _check_seed,
     init_power_iteration_vectors,
     power_iteration,
 )
@@ -120,7 +120,7 @@ class SpectralNormPenalty(pl.Callback):
         super().__init__()
         self.lam = _check_lam(lam)
         self.n_power_iterations = _check_n_power_iterations(n_power_iterations)
-        self.seed = _check_seed(seed)
+        self.seed = check_seed(seed)
         self.module_name = check_key("module_name", module_name)
         self.names: list[str] = []
         self.vectors: dict[str, Tensor] = {}

@@ -34,11 +34,12 @@ This module never imports Lightning.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
+
+from antimemo._checks import check_seed, is_int
 
 __all__ = ["goldfish_mask"]
 
@@ -77,16 +78,12 @@ def _mix64_(z: Tensor) -> Tensor:
     return z
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _is_integer_dtype(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def _check_k(k: object) -> int:
-    if not _is_int(k) or int(k) < 2:  # type: ignore[call-overload]
+    if not is_int(k) or int(k) < 2:  # type: ignore[call-overload]
         raise ValueError(
             f"k must be an integer >= 2, got {k!r}; k=4 drops about 1 in 4 targets "
             "(k=50 is the pretraining preset)"
@@ -95,20 +92,12 @@ def _check_k(k: object) -> int:
 
 
 def _check_h(h: object) -> int:
-    if not _is_int(h) or int(h) < 1:  # type: ignore[call-overload]
+    if not is_int(h) or int(h) < 1:  # type: ignore[call-overload]
         raise ValueError(
             f"h must be an integer >= 1, got {h!r}; h is the number of preceding tokens hashed: "
             "use h=13 (the paper's runs) or h=50 (the pretraining preset)"
         )
     return int(h)  # type: ignore[call-overload]
-
-
-def _check_seed(seed: object) -> int:
-    if not _is_int(seed):
-        raise TypeError(
-            f"seed must be an integer, got {seed!r} ({type(seed).__name__}); e.g. seed=0"
-        )
-    return int(seed)  # type: ignore[call-overload]
 
 
 def _check_exempt(exempt_token_ids: object) -> tuple[int, ...]:
@@ -119,7 +108,7 @@ def _check_exempt(exempt_token_ids: object) -> tuple[int, ...]:
                 f"{exempt_token_ids.dtype}; pass e.g. exempt_token_ids=(tokenizer.eos_token_id,)"
             )
         return tuple(int(v) for v in exempt_token_ids.reshape(-1).tolist())
-    if _is_int(exempt_token_ids) or isinstance(exempt_token_ids, (str, bytes)) or not isinstance(
+    if is_int(exempt_token_ids) or isinstance(exempt_token_ids, (str, bytes)) or not isinstance(
         exempt_token_ids, Iterable
     ):
         raise TypeError(
@@ -127,7 +116,7 @@ def _check_exempt(exempt_token_ids: object) -> tuple[int, ...]:
             "pass e.g. exempt_token_ids=(0, 2) or () for none"
         )
     ids = tuple(exempt_token_ids)
-    bad = [v for v in ids if not _is_int(v)]
+    bad = [v for v in ids if not is_int(v)]
     if bad:
         raise TypeError(
             f"exempt_token_ids must contain only integer token ids, got non-integer entries "
@@ -327,7 +316,7 @@ def goldfish_mask(
     """
     k = _check_k(k)
     h = _check_h(h)
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     exempt = _check_exempt(exempt_token_ids)
     input_ids = _check_input_ids(input_ids)
     attended = None if attention_mask is None else _check_attention_mask(attention_mask, input_ids)

@@ -30,13 +30,13 @@ these functions; ``docs/regularizers.md`` has the definitions, defaults and refe
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from antimemo._checks import check_seed, is_int, is_number
 from antimemo.functional.goldfish import _GAMMA, _as_int64, _is_integer_dtype, _lsr, _mix64
 
 __all__ = [
@@ -59,12 +59,8 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
 def _check_floor(floor: object) -> float:
-    if not _is_number(floor) or not math.isfinite(float(floor)) or float(floor) < 0:  # type: ignore[arg-type]
+    if not is_number(floor) or not math.isfinite(float(floor)) or float(floor) < 0:  # type: ignore[arg-type]
         raise ValueError(
             f"floor must be a finite number >= 0 (nats per target), got {floor!r}; floor=0 disables the "
             "loss floor, e.g. floor=0.5 keeps every training sequence's mean loss near or above 0.5"
@@ -73,7 +69,7 @@ def _check_floor(floor: object) -> float:
 
 
 def _check_c(c: object) -> float:
-    if not _is_number(c) or not 0 <= float(c) < 1:  # type: ignore[arg-type]
+    if not is_number(c) or not 0 <= float(c) < 1:  # type: ignore[arg-type]
         raise ValueError(
             f"c must be a number in [0, 1), got {c!r}; c is the fraction of highest per-sequence losses "
             "dropped: c=0 disables loss truncation, c=0.4 is TinyMem's default"
@@ -82,7 +78,7 @@ def _check_c(c: object) -> float:
 
 
 def _check_lam(lam: object) -> float:
-    if not _is_number(lam) or not math.isfinite(float(lam)) or float(lam) < 0:  # type: ignore[arg-type]
+    if not is_number(lam) or not math.isfinite(float(lam)) or float(lam) < 0:  # type: ignore[arg-type]
         raise ValueError(
             f"lam must be a finite number >= 0, got {lam!r}; lam=0 disables the spectral norm penalty, "
             "lam=0.01 is TinyMem's default"
@@ -91,7 +87,7 @@ def _check_lam(lam: object) -> float:
 
 
 def _check_n_power_iterations(n: object) -> int:
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or int(n) < 1:
+    if not is_int(n) or int(n) < 1:
         raise ValueError(
             f"n_power_iterations must be an integer >= 1, got {n!r}; 1 (one step per training step, "
             "as TinyMem) is enough because the vectors are carried over between steps"
@@ -100,7 +96,7 @@ def _check_n_power_iterations(n: object) -> int:
 
 
 def _check_p_fixed(p_fixed: object) -> float:
-    if not _is_number(p_fixed) or not 0 < float(p_fixed) <= 1:  # type: ignore[arg-type]
+    if not is_number(p_fixed) or not 0 < float(p_fixed) <= 1:  # type: ignore[arg-type]
         raise ValueError(
             f"p_fixed must be a number in (0, 1], got {p_fixed!r}; it is the fraction of shared "
             "(generalization) neurons: p_fixed=1 disables example-tied dropout, p_fixed=0.2 is TinyMem's default"
@@ -109,18 +105,12 @@ def _check_p_fixed(p_fixed: object) -> float:
 
 
 def _check_p_mem(p_mem: object) -> float:
-    if not _is_number(p_mem) or not 0 <= float(p_mem) <= 1:  # type: ignore[arg-type]
+    if not is_number(p_mem) or not 0 <= float(p_mem) <= 1:  # type: ignore[arg-type]
         raise ValueError(
             f"p_mem must be a number in [0, 1], got {p_mem!r}; it is the probability that a memorization "
             "neuron is tied to a given example: p_mem=0.1 is TinyMem's default"
         )
     return float(p_mem)  # type: ignore[arg-type]
-
-
-def _check_seed(seed: object) -> int:
-    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an integer, got {seed!r} ({type(seed).__name__}); e.g. seed=0")
-    return int(seed)
 
 
 def _check_losses(losses: object, num_targets: object) -> tuple[Tensor, Tensor]:
@@ -384,7 +374,7 @@ def init_power_iteration_vectors(weights: Sequence[Tensor], seed: int = 0) -> li
         >>> us[0].shape, round(float(us[0].norm()), 6)
         (torch.Size([3]), 1.0)
     """
-    seed = _check_seed(seed)
+    seed = check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     out = []
     for i, w in enumerate(weights):
@@ -515,8 +505,8 @@ def example_tied_dropout_mask(
         >>> m[:, :2].all().item(), m.shape  # the first floor(0.2 * 10) = 2 neurons are shared
         (True, torch.Size([2, 10]))
     """
-    p_fixed, p_mem, seed = _check_p_fixed(p_fixed), _check_p_mem(p_mem), _check_seed(seed)
-    if not isinstance(num_features, numbers.Integral) or isinstance(num_features, bool) or num_features < 1:
+    p_fixed, p_mem, seed = _check_p_fixed(p_fixed), _check_p_mem(p_mem), check_seed(seed)
+    if not is_int(num_features) or num_features < 1:
         raise ValueError(f"num_features must be an integer >= 1, got {num_features!r}")
     ids = _check_example_ids(example_ids)
     n_fixed = _num_fixed(int(num_features), p_fixed)
