@@ -143,14 +143,20 @@ def describe_error(err: BaseException) -> str:
 def _enforce_import_policy() -> None:
     """Make jsonargparse refuse, before importing it, any import path a config value names whose
     top-level module is in :data:`antimemo.sections.REFUSED_MODULES` (``class_path: subprocess.Popen``,
-    ``decode: os.system``). jsonargparse older than 4.40 has no such setting: then only
-    :func:`audit_config` (after parsing, before anything is built) applies."""
-    try:
-        from jsonargparse import set_parsing_settings
+    ``decode: os.system``). pyproject requires a jsonargparse that has this setting (>= 4.53); an
+    older one fails here loudly instead of running without the policy. :func:`audit_config` checks
+    the parsed config a second time before anything is built."""
+    from jsonargparse import set_parsing_settings
 
+    try:
         set_parsing_settings(import_path_denylist=sorted(REFUSED_MODULES))
-    except (ImportError, TypeError, ValueError):  # pragma: no cover - older jsonargparse
-        pass
+    except (TypeError, ValueError) as err:
+        import jsonargparse
+
+        raise RuntimeError(
+            f"jsonargparse {getattr(jsonargparse, '__version__', '?')} cannot refuse import paths in recipes "
+            f"({err}); antimemo needs jsonargparse >= 4.53: pip install -U 'jsonargparse[signatures]>=4.53'"
+        ) from err
 
 
 def audit_config(config: Any, prefix: str = "") -> None:
