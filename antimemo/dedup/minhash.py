@@ -184,11 +184,13 @@ def text_element_hashes(texts: list[str], max_chars: int = 1 << 20) -> tuple[np.
         batch = texts[i:j]
         joined = "\x00".join(batch)
         if joined.count("\x00") == len(batch) - 1:
-            big = unicodedata.normalize("NFKC", joined)
-            big = big.lower() if big.isascii() else big.casefold()  # equal on ASCII; lower() is faster
-            for ch in _NFKC_SPACES:
-                if ch in big:
-                    big = big.replace(ch, " ")
+            # NFKC and case folding act within NUL-separated segments, so each text is normalised
+            # alone; ASCII texts (most of them) are NFKC-stable and only lower-cased, and the slow
+            # NFKC scan runs over the non-ASCII texts only
+            if joined.isascii():
+                big = joined.lower()
+            else:
+                big = "\x00".join([t.lower() if t.isascii() else _fold(t) for t in batch])
             lens, h = _word_hashes_bytes(big.encode("utf-8", "surrogatepass"), _SEP_WITH_NUL, 0x00)
         else:  # a text contains NUL: normalise one by one, words then contain no whitespace
             norm = "\n".join(normalize_text(t) for t in batch)
@@ -199,12 +201,32 @@ def text_element_hashes(texts: list[str], max_chars: int = 1 << 20) -> tuple[np.
     return lengths, (np.concatenate(parts) if parts else np.zeros(0, dtype=_U64))
 
 
+def _fold(text: str) -> str:
+    """NFKC, case-folded, with the whitespace NFKC leaves non-ASCII turned into spaces."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    for ch in _NFKC_SPACES:
+        if ch in text:
+            text = text.replace(ch, " ")
+    return text
+
+
+def _fmix64_(x: np.ndarray) -> np.ndarray:
+    """:func:`fmix64` in place on a ``uint64`` array (one temporary instead of five)."""
+    t = np.empty_like(x)
+    for mult in (_U64(0xFF51AFD7ED558CCD), _U64(0xC4CEB9FE1A85EC53)):
+        np.right_shift(x, _U64(33), out=t)
+        x ^= t
+        x *= mult
+    np.right_shift(x, _U64(33), out=t)
+    x ^= t
+    return x
+
+
 def _word_hashes_bytes(raw: bytes, separators: np.ndarray, doc_sep: int) -> tuple[np.ndarray, np.ndarray]:
     m = len(raw)
     # data[0] and data[m + 1:] are padding: words never start or end there, and every 8-byte read
-    # starting inside the text stays inside the buffer
-    data = np.zeros(m + 9, dtype=np.uint8)
-    data[1 : m + 1] = np.frombuffer(raw, dtype=np.uint8)
+    # starting inside the text stays inside the buffer (read-only view of one bytes object)
+    data = np.frombuffer(b"\x00" + raw + b"\x00" * 8, dtype=np.uint8)
     # every separator byte is <= 0x20: look only at those positions (mostly single spaces)
     low = np.flatnonzero(data[1 : m + 1] <= 0x20) + 1
     sep = low[separators[data[low]]]
@@ -227,7 +249,7 @@ def _word_hashes_bytes(raw: bytes, separators: np.ndarray, doc_sep: int) -> tupl
         block = le64[starts[active] + 8 * q] & _BYTE_MASKS[np.minimum(wlen[active] - 8 * q, 8)]
         acc[active] = acc[active] * _POLY + block
     acc ^= wlen.astype(_U64) * _SHORT_SALT
-    h = fmix64(acc)
+    h = _fmix64_(acc)
     for w in np.flatnonzero(wlen > _LONG_WORD).tolist():
         h[w] = content_hash(raw[starts[w] - 1 : ends[w] - 1]) ^ 0x5BD1E995
     return lengths, h
