@@ -23,14 +23,19 @@ and the mean per-token NLL of the watermarked samples under the model *without* 
 the watermark pushes the text away from what the model would write; the null samples give the
 baseline) and the model's mean next-token entropy (low entropy = little room to watermark).
 
-``--quality``: the cost of training on watermarked text. Two fresh recipe models are trained for
-``--quality-steps`` steps on ``--quality-n`` generated sequences each (80 bytes: prompt + 64 new, prompts from the training
-split),
-one set sampled with the watermark (gamma 0.25, delta 2) and one without, from the trained model;
-their loss on the real held-out rows is compared.
+``--quality``: the cost of training on watermarked text, over ``--quality-seeds`` seeds. For seed
+``s`` the trained model samples ``--quality-n`` sequences of 80 bytes (a 16-byte prompt from the
+training split + 64 new tokens) once without the watermark and once per ``--quality-deltas`` value
+(gamma 0.25): the same prompts and the same sampling generator for every condition of that seed
+(same sampling budget). A fresh recipe model (initialised with the seed's init seed, the seed's
+batch order) is trained for ``--quality-steps`` steps on each set, and its loss on the 512 real
+held-out rows is compared. Seed ``s`` uses prompt order ``2 + 10 s``, sampling seed ``3 + 10 s``,
+student init ``1 + 10 s`` and batch order ``4 + 10 s`` (seed 0 is the single run measured first).
+Reported per delta: the median over seeds of the held-out loss and of the paired difference
+(watermarked - unwatermarked, same seed) with its range; :func:`quality_summary`.
 
 Run: ``python benchmarks/watermark_bench.py`` (CPU, one torch thread: about 2.5 minutes on a
-busy shared 2-core machine; ``--quality`` adds about 2.5 minutes). ``--json PATH`` writes the
+busy shared 2-core machine; ``--quality`` adds about 1.2 minutes per student: 4 x 3 = 12 by default). ``--json PATH`` writes the
 figures. The results are in docs/collapse.md, "Watermark".
 """
 
@@ -40,6 +45,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -57,6 +63,19 @@ KEY = 15485863
 PROMPT, NEW = 16, 64
 Z_1PCT = 2.3263478740408408  # one-sided 1% quantile of N(0, 1)
 RECIPE = dict(hidden_size=128, num_layers=2, num_heads=4, intermediate_size=512, max_position_embeddings=128)
+
+
+def spread(values) -> dict:
+    """``{"median", "min", "max", "n", "values"}`` of a list of numbers (the figures over seeds).
+
+    Example:
+        >>> spread([3.0, 1.0, 2.0])["median"], spread([3.0, 1.0, 2.0])["max"]
+        (2.0, 3.0)
+    """
+    xs = [float(v) for v in values]
+    if not xs or any(math.isnan(x) for x in xs):
+        raise ValueError(f"spread needs at least one number and no NaN, got {values!r}")
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs), "values": xs}
 
 
 def train(model: torch.nn.Module, rows: torch.Tensor, steps: int, seed: int, batch_size: int = 32) -> None:
@@ -111,6 +130,63 @@ def detection(generated: torch.Tensor, gamma: float) -> torch.Tensor:
     return z
 
 
+def quality_summary(losses: dict[str, list[float]]) -> dict[str, dict]:
+    """Per watermark condition: ``spread`` of the held-out losses over seeds and of the paired
+    differences from the unwatermarked condition (same seed, same index in each list).
+
+    ``losses`` maps ``"unwatermarked"`` and one name per delta to one loss per seed.
+
+    Example:
+        >>> s = quality_summary({"unwatermarked": [1.0, 2.0, 3.0], "delta 2": [1.5, 2.1, 3.3]})
+        >>> [round(x, 3) for x in s["delta 2"]["difference"]["values"]]
+        [0.5, 0.1, 0.3]
+        >>> round(s["delta 2"]["difference"]["median"], 3)
+        0.3
+    """
+    base = losses.get("unwatermarked")
+    if not base:
+        raise ValueError(f"losses needs an 'unwatermarked' list of one loss per seed, got keys {sorted(losses)}")
+    out = {}
+    for name, values in losses.items():
+        if len(values) != len(base):
+            raise ValueError(f"losses[{name!r}] has {len(values)} seeds but 'unwatermarked' has {len(base)}; "
+                             "pair every condition with the same seeds")
+        out[name] = {"loss": spread(values), "difference": spread([v - b for v, b in zip(values, base)])}
+    return out
+
+
+def quality_cost(model: torch.nn.Module, train_rows: torch.Tensor, held: torch.Tensor, args) -> dict:
+    """Held-out loss of students trained on unwatermarked vs watermarked samples, per seed and delta."""
+    from tqdm.auto import tqdm
+
+    gamma = 0.25
+    names = ["unwatermarked", *[f"delta {d:g}" for d in args.quality_deltas]]
+    procs = [None, *[GreenListProcessor(gamma, d, KEY, vocab_size=257) for d in args.quality_deltas]]
+    losses: dict[str, list[float]] = {name: [] for name in names}
+    sample_nll: dict[str, list[float]] = {name: [] for name in names}
+    bar = tqdm(total=args.quality_seeds * len(names), desc="quality students", unit="student")
+    for s in range(args.quality_seeds):
+        order = torch.randperm(train_rows.shape[0], generator=torch.Generator().manual_seed(2 + 10 * s))
+        qprompts = train_rows[order[: args.quality_n], :PROMPT]
+        for name, proc in zip(names, procs):
+            synthetic, nll, _ = sample(model, qprompts, NEW, proc, seed=3 + 10 * s)
+            student = CausalLMModule(**RECIPE, seed=1 + 10 * s).model
+            train(student, synthetic, args.quality_steps, seed=4 + 10 * s)
+            losses[name].append(heldout_loss(student, held))
+            sample_nll[name].append(nll)
+            bar.update(1)
+            bar.write(f"seed {s} {name:>13}: samples' NLL {nll:.3f}, student's real held-out loss {losses[name][-1]:.4f}")
+    bar.close()
+    summary = quality_summary(losses)
+    print("condition      | held-out loss median (min-max) | minus unwatermarked, paired: median (min-max)")
+    for name in names:
+        lo, d = summary[name]["loss"], summary[name]["difference"]
+        print(f"{name:>14} | {lo['median']:.4f} ({lo['min']:.4f}-{lo['max']:.4f}) | "
+              f"{d['median']:+.4f} ({d['min']:+.4f} to {d['max']:+.4f})")
+    return {"n": args.quality_n, "steps": args.quality_steps, "gamma": gamma, "seeds": args.quality_seeds,
+            "losses": losses, "sample_nll": sample_nll, "summary": summary}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train-steps", type=int, default=400)
@@ -121,6 +197,8 @@ def main() -> None:
     parser.add_argument("--quality", action="store_true", help="also measure the cost of training on watermarked text")
     parser.add_argument("--quality-n", type=int, default=1024)
     parser.add_argument("--quality-steps", type=int, default=300)
+    parser.add_argument("--quality-seeds", type=int, default=3)
+    parser.add_argument("--quality-deltas", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more threads thrash on a shared CPU)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -179,16 +257,7 @@ def main() -> None:
             )
 
     if args.quality:
-        qprompts = train_rows[torch.randperm(train_rows.shape[0], generator=torch.Generator().manual_seed(2))[: args.quality_n], :PROMPT]
-        proc = GreenListProcessor(0.25, 2.0, KEY, vocab_size=257)
-        quality = {"n": args.quality_n, "steps": args.quality_steps, "gamma": 0.25, "delta": 2.0}
-        for name, p in (("unwatermarked", None), ("watermarked", proc)):
-            synthetic, _, _ = sample(model, qprompts, NEW, p, seed=3)
-            student = CausalLMModule(**RECIPE, seed=1).model
-            train(student, synthetic, args.quality_steps, seed=4)
-            quality[f"heldout_loss_{name}"] = heldout_loss(student, held)
-            print(f"student trained on {name} synthetic data: real held-out loss {quality[f'heldout_loss_{name}']:.4f}")
-        result["quality"] = quality
+        result["quality"] = quality_cost(model, train_rows, held, args)
     result["seconds"] = time.perf_counter() - t0
     print(f"total {result['seconds']:.0f}s")
     if args.json is not None:
