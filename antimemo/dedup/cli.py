@@ -15,6 +15,12 @@ Sources:
   (:func:`antimemo.sections.check_import_path` refuses the standard library) and the class before
   it is constructed, so a recipe cannot make this verb call anything else.
 
+Engines (``--engine``): ``local`` (default) builds the index in this process (``--num_workers``
+processes); ``ray`` builds it with Ray workers (:func:`antimemo.dedup.ray_engine.build_index_ray`)
+from one or more ``.txt`` / ``.jsonl`` / ``.parquet`` files, directories or glob patterns, on a
+local Ray (``--num_workers`` CPUs) or on the cluster at ``--address``; ``--out`` is then an output
+directory (``index.npz``, ``clusters/part-*.parquet``, ``manifest.json``).
+
 The module exposes ``add_arguments(parser)`` and ``run(args) -> int`` for the ``antimemo``
 console script.
 """
@@ -45,20 +51,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
     Example:
         >>> p = add_arguments(argparse.ArgumentParser(prog="antimemo dedup"))
-        >>> p.parse_args(["data.txt", "--out", "idx.npz"]).threshold is None
-        True
+        >>> a = p.parse_args(["data.txt", "--out", "idx.npz"])
+        >>> a.threshold is None, a.engine
+        (True, 'local')
     """
     parser.description = "Find exact and near-duplicate examples and write a DuplicateIndex (.npz)."
-    parser.add_argument("source", metavar="PATH_OR_RECIPE",
-                        help="a .txt (one example per line) or .jsonl file, or a recipe .yaml / recipe name")
-    parser.add_argument("--out", required=True, metavar="INDEX", help="path of the index file to write (.npz)")
+    parser.add_argument("source", metavar="PATH_OR_RECIPE", nargs="+",
+                        help="a .txt (one example per line) or .jsonl file, or a recipe .yaml / recipe name; with "
+                             "--engine ray: one or more .txt / .jsonl / .parquet files, directories or glob patterns")
+    parser.add_argument("--out", required=True, metavar="INDEX",
+                        help="path of the index file to write (.npz); with --engine ray, the output directory")
+    parser.add_argument("--engine", default="local", metavar="{local,ray}",
+                        help="local (default: this process) or ray (Ray workers; pip install 'antimemo[ray]')")
+    parser.add_argument("--address", default=None,
+                        help="with --engine ray: the Ray cluster to join (e.g. auto, host:6379, ray://host:10001); "
+                             "default: start a local Ray")
     parser.add_argument("--field", default=None, help="JSON field of a .jsonl file (default: text, else input_ids)")
     parser.add_argument("--threshold", type=float, default=None,
                         help="Jaccard threshold for text/tokens (default 0.8) or cosine threshold for images (0.95)")
     parser.add_argument("--ngram", type=int, default=5, help="words or tokens per shingle (default 5)")
     parser.add_argument("--num_perm", type=int, default=128, help="MinHash permutations (default 128)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MinHash permutations (default 0)")
-    parser.add_argument("--num_workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--num_workers", type=int, default=None,
+                        help="worker processes (default 1); with --engine ray: parallel tasks and partitions "
+                             "(default: every CPU of the Ray cluster)")
     parser.add_argument("--chunk_size", type=int, default=2048, help="examples per chunk (default 2048)")
     parser.add_argument("--top_k", type=int, default=5, help="largest clusters to print (default 5)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -220,6 +236,22 @@ def run(args: argparse.Namespace) -> int:
     """
     from antimemo.dedup.index import DuplicateIndex
 
+    sources = list(args.source) if isinstance(args.source, (list, tuple)) else [args.source]
+    engine = getattr(args, "engine", "local")
+    if engine not in ENGINES:
+        return _usage_error(f"--engine must be one of {list(ENGINES)}, got {engine!r}; e.g. --engine ray")
+    if engine == "ray":
+        return _run_ray(args, sources)
+    if getattr(args, "address", None) is not None:
+        return _usage_error(f"--address {args.address!r} joins a Ray cluster: it needs --engine ray")
+    if len(sources) != 1:
+        return _usage_error(
+            f"the local engine indexes one file or recipe, got {len(sources)} sources; index several files or glob "
+            "patterns with --engine ray (a local Ray starts by default)"
+        )
+    args.source = sources[0]
+    if args.num_workers is None:
+        args.num_workers = 1
     out_path = Path(args.out)
     if out_path.is_dir():
         print(
@@ -272,6 +304,65 @@ def run(args: argparse.Namespace) -> int:
         example = c["first_examples"][0]
         print(f"  cluster {c['cluster']} example {example}: {_preview(_item_ids(items[example]), decode=decode)}")
     print(f"index written to {out}")
+    return 0
+
+
+#: The ``--engine`` choices.
+ENGINES = ("local", "ray")
+
+
+def _usage_error(message: str) -> int:
+    print(f"antimemo dedup: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _debug() -> bool:
+    return os.environ.get("ANTIMEMO_DEBUG", "").strip().lower() in ("1", "true", "yes")
+
+
+def _run_ray(args: argparse.Namespace, sources: list[str]) -> int:
+    """``antimemo dedup --engine ray``: :func:`~antimemo.dedup.ray_engine.build_index_ray` into ``--out``."""
+    for src in sources:
+        if _recipe_path(src) is not None:
+            return _usage_error(
+                f"--engine ray reads .txt / .jsonl / .parquet files, not the recipe {src!r}; index a recipe with the "
+                "local engine (drop --engine ray)"
+            )
+    out_dir = Path(args.out)
+    if out_dir.suffix.lower() == ".npz":
+        return _usage_error(
+            f"--out {args.out!r} looks like an index file; with --engine ray --out is a directory (the index is "
+            f"written to {str(out_dir.with_suffix('') / 'index.npz')!r}), e.g. --out {str(out_dir.with_suffix(''))!r}"
+        )
+    kwargs: dict[str, Any] = {
+        "field": args.field,
+        "ngram": args.ngram,
+        "num_perm": args.num_perm,
+        "seed": args.seed,
+        "chunk_size": args.chunk_size,
+        "address": args.address,
+        "num_workers": args.num_workers,
+        "progress": not args.no_progress,
+    }
+    if args.threshold is not None:
+        kwargs["threshold"] = args.threshold
+    try:
+        from antimemo.dedup.ray_engine import INDEX_FILE, build_index_ray
+
+        index = build_index_ray(sources, out_dir, **kwargs)
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError, TypeError, ImportError) as err:
+        if _debug():
+            raise
+        return _usage_error(str(err))
+    summary = index.summary(args.top_k)
+    written = out_dir / INDEX_FILE
+    if args.json:
+        summary.update(index=str(written), clusters=str(out_dir / "clusters"), source=sources, engine="ray")
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"source: {' '.join(sources)}")
+    print(index.format_summary(args.top_k))
+    print(f"index written to {written}; cluster ids per document in {out_dir / 'clusters'}/part-*.parquet")
     return 0
 
 

@@ -354,6 +354,8 @@ def build_index_ray(
     from antimemo._extras import require
 
     _check_args(ngram, num_perm, threshold, seed, chunk_size, num_workers, object_store_memory)
+    ray = require("ray", _NEEDED_BY)
+    require("pyarrow", _NEEDED_BY)
     from antimemo.dedup.lsh import optimal_params
 
     bands, rows = optimal_params(float(threshold), int(num_perm), tuple(float(w) for w in lsh_weights))
@@ -377,8 +379,6 @@ def build_index_ray(
         if progress:
             print(f"dedup[ray]: {str(out)!r} is already built from these inputs and parameters; nothing to do")
         return DuplicateIndex.load(out / INDEX_FILE)
-    ray = require("ray", _NEEDED_BY)
-    require("pyarrow", _NEEDED_BY)
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
