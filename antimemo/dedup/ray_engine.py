@@ -235,17 +235,28 @@ def _labels_task(lo: int, hi: int, *chunks: tuple) -> np.ndarray:
 # driver
 
 
+_USER_ERRORS = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError}
+
+
 def _unwrap(err: BaseException) -> BaseException:
-    """The user-facing exception inside a Ray task / Ray Data error (a bad line, a missing field)."""
+    """The user-facing exception inside a Ray task / Ray Data error (a bad line, a missing field).
+
+    A Ray task's error carries its cause; a Ray Data UDF's error keeps only the remote traceback
+    text, whose first ``ValueError: ...`` line (the root cause comes first) is raised again.
+    """
     seen = set()
     cur: BaseException | None = err
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
-        if isinstance(cur, (ValueError, TypeError, FileNotFoundError, UnicodeError)) and not type(cur).__module__.startswith("ray"):
+        if isinstance(cur, tuple(_USER_ERRORS.values())) and not type(cur).__module__.startswith("ray"):
             return cur
         cause = getattr(cur, "cause", None)
         cur = cause if isinstance(cause, BaseException) else cur.__cause__
-    return err
+    import re
+
+    text = str(getattr(err, "traceback_str", "") or err)
+    found = re.search(r"^(ValueError|TypeError|FileNotFoundError): (.+)$", text, flags=re.MULTILINE)
+    return _USER_ERRORS[found.group(1)](found.group(2)) if found else err
 
 
 def _wait(ray: Any, refs: list, desc: str, progress: bool) -> list:

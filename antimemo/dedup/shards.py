@@ -183,7 +183,12 @@ def scan_file(path: str | os.PathLike, field: str | None, chunk_size: int) -> di
                 obj = json.loads(_decode_line(first, path, 1))
             except json.JSONDecodeError as err:
                 raise ValueError(f"line 1 of {str(path)!r} is not valid JSON: {err}") from None
-            field = "text" if isinstance(obj, Mapping) and "text" in obj else "input_ids"
+            if not isinstance(obj, Mapping) or not {"text", "input_ids"} & set(obj):
+                keys = sorted(obj) if isinstance(obj, Mapping) else type(obj).__name__
+                raise ValueError(
+                    f"line 1 of {str(path)!r} has no field 'text' or 'input_ids' (it has {keys}); choose one with --field"
+                )
+            field = "text" if "text" in obj else "input_ids"
         kind = _kind_of(_json_value(first, path, 1, field), f"line 1 of {str(path)!r} (field {field!r})")
     elif first is not None:
         kind, field = "text", None
@@ -205,6 +210,10 @@ def _scan_parquet(path: Path, field: str | None) -> dict:
     except Exception as err:  # ArrowInvalid: not a Parquet file
         raise ValueError(f"{str(path)!r} is not a readable Parquet file: {type(err).__name__}: {err}") from None
     names = pf.schema_arrow.names
+    if field is None and not {"text", "input_ids"} & set(names):
+        raise ValueError(
+            f"Parquet file {str(path)!r} has no column 'text' or 'input_ids' (columns {names}); choose one with --field"
+        )
     if field is None:
         field = "text" if "text" in names else "input_ids"
     if field not in names:
