@@ -423,10 +423,20 @@ def build_index_ray(
 
 def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, threshold: float,
          lsh_weights: tuple, chunk_size: int, parts: int, progress: bool, tmp: Path, build: dict) -> Any:
+    import time
+
     import ray.data
     from tqdm.auto import tqdm
 
     from antimemo.dedup.index import DuplicateIndex
+
+    seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        seconds[stage] = round(now - clock[0], 3)
+        clock[0] = now
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # the driver's tqdm bars below report progress
@@ -443,6 +453,7 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
         by_kind = {s["kind"]: str(p) for p, s in zip(files, scans) if s["kind"]}
         raise ValueError(f"the inputs mix texts and token ids ({by_kind}); index them separately")
     kind = kinds.pop()
+    lap("scan")
     pieces: list[dict] = []
     n = 0
     for s in scans:
@@ -479,6 +490,7 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
     if seen != n:  # every document must reach the shuffle exactly once
         raise RuntimeError(f"the sketch stage returned {seen} documents for {n} in the inputs; rerun the build")
     del content_refs
+    lap("sketch")
 
     # 2b. exact groups -> exact edges + band rows of the representatives
     reduce = ray_remote(_exact_reduce_task)
@@ -488,6 +500,7 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
     exact_stats = _wait(ray, [o[-1] for o in outs], "dedup[ray]: exact duplicates", progress)
     edge_refs = [o[0] for o in outs]
     band_splits = [o[1:-1] for o in outs]
+    lap("exact")
 
     # 3. LSH buckets -> memberships by group of pieces
     bucket = ray_remote(_bucket_reduce_task)
@@ -497,6 +510,7 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
     del band_splits
     bucket_stats = _wait(ray, [o[-1] for o in outs], "dedup[ray]: LSH buckets", progress)
     member_splits = [o[:-1] for o in outs]
+    lap("buckets")
 
     # 4. candidate shingle sets, read again by the group that holds the documents
     cands = ray_remote(_candidate_sets_task)
@@ -505,6 +519,7 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
         for i, g in enumerate(groups)]
     del member_splits
     cand_stats = _wait(ray, [o[-1] for o in outs], "dedup[ray]: candidate sets", progress)
+    lap("candidate_sets")
 
     # 5. verify bucket members
     verify = ray_remote(_verify_task)
@@ -512,10 +527,12 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
     del outs
     verify_stats = _wait(ray, [o[1] for o in vouts], "dedup[ray]: verifying candidates", progress)
     edge_refs += [o[0] for o in vouts]
+    lap("verify")
 
     # 6. connected components (large-star / small-star)
     star_refs, rounds = ray_star_components(edge_refs, parts, progress=progress)
     del edge_refs
+    lap("components")
 
     # 7. roots per group of documents -> Parquet shards + the index file
     ssplit = ray_remote(_star_split_task)
@@ -568,6 +585,7 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
     }
     index = DuplicateIndex(labels, content, kind=kind, params=params)
     index.save(tmp / INDEX_FILE)
+    lap("write")
     manifest = {
         "format": RAY_FORMAT,
         "build": build,
@@ -578,6 +596,8 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
         "index": INDEX_FILE,
         "shards": sorted(p.name for p in (tmp / CLUSTERS_DIR).iterdir()),
         "columns": {"doc": "document index in the corpus", "cluster": "smallest document index of its cluster"},
+        "partitions": parts,
+        "seconds": seconds,
     }
     from antimemo._atomic import atomic_write_text
 
