@@ -277,7 +277,9 @@ def test_bad_parameters(kwargs, match):
 def test_bad_text_inputs():
     with pytest.raises(ValueError, match="texts is empty"):
         DuplicateIndex.from_texts([], progress=False)
-    with pytest.raises(TypeError, match="texts must be a sequence"):
-        DuplicateIndex.from_texts(t for t in ["a", "b"])
+    with pytest.raises(TypeError, match="texts must be a sequence .* or an iterable of str .* got int"):
+        DuplicateIndex.from_texts(5, progress=False)
+    with pytest.raises(TypeError, match="texts must be a sequence .* got str"):
+        DuplicateIndex.from_texts("a b c", progress=False)
     with pytest.raises(TypeError, match=r"texts\[1\] must be a str, got int"):
         DuplicateIndex.from_texts(["a", 3], progress=False)

@@ -2,15 +2,17 @@
 
 Text and token ids (:meth:`DuplicateIndex.from_texts`, :meth:`DuplicateIndex.from_token_ids`):
 
-1. one streaming pass over the data in chunks (optionally in ``num_workers`` processes): per
-   example a content hash (BLAKE2b-64 of the raw bytes, for the fingerprint), a 128-bit
-   exact-duplicate key (two polynomial folds of the normalised words' or tokens' hashes) and the
-   LSH band keys of its MinHash signature
-   (:mod:`antimemo.dedup.minhash`); the arrays kept per example take ``8 * bands + 48`` bytes
-   (176 with the defaults), the signatures themselves are dropped after each chunk;
+1. one streaming pass over the data in chunks (optionally in ``num_workers`` processes), from a
+   sequence or a one-pass iterable: per example a content hash (BLAKE2b-64 of the raw bytes, for
+   the fingerprint), a 128-bit exact-duplicate key (two polynomial folds of the normalised words'
+   or tokens' hashes) and the LSH band keys of its MinHash signature
+   (:mod:`antimemo.dedup.minhash`); the arrays kept per example take ``8 * bands + 32`` bytes
+   (160 with the defaults) in flat numpy arrays, the signatures themselves are dropped after each
+   chunk;
 2. exact duplicates are grouped; one representative per group enters LSH;
-3. representatives sharing a band key are candidates; a second pass computes the shingle sets of
-   the candidates only (memory proportional to their shingles), and a candidate pair is merged
+3. representatives sharing a band key are candidates (buckets kept as two flat arrays); a second
+   pass computes the shingle sets of the candidates only (one flat ``uint64`` array: 8 bytes per
+   shingle of a candidate), and a candidate pair is merged
    when its exact Jaccard similarity (on 64-bit shingle hashes) is at least ``threshold``; pairs
    already connected are not compared again;
 4. clusters are the connected components (union-find) of exact groups and verified pairs.
@@ -28,7 +30,7 @@ import hashlib
 import json
 import os
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -90,8 +92,12 @@ def _integrity_record(arrays: dict[str, np.ndarray]) -> dict:
     }
 
 
+def _is_sequence(items: Any) -> bool:
+    return hasattr(items, "__len__") and hasattr(items, "__getitem__") and not isinstance(items, (str, bytes))
+
+
 def _check_sequence(items: Any, name: str) -> int:
-    if isinstance(items, (str, bytes)) or not hasattr(items, "__len__") or not hasattr(items, "__getitem__"):
+    if not _is_sequence(items):
         raise TypeError(
             f"{name} must be a sequence with len() and indexing (list, tuple, array, dataset column), "
             f"got {type(items).__name__}; wrap an iterator with list(...)"
@@ -100,6 +106,108 @@ def _check_sequence(items: Any, name: str) -> int:
     if n == 0:
         raise ValueError(f"{name} is empty: a duplicate index needs at least one example")
     return n
+
+
+class _SequenceSource:
+    """Random-access items (list, array, dataset column): read in chunks, candidates re-read by index."""
+
+    def __init__(self, items: Any, name: str) -> None:
+        self.items = items
+        self.n: int | None = _check_sequence(items, name)
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, list]]:
+        for s in range(0, self.n, chunk_size):
+            yield s, _take(self.items, s, min(self.n, s + chunk_size))
+
+    def take(self, idx: np.ndarray) -> list:
+        return _take_indices(self.items, idx)
+
+    def close(self) -> None:
+        pass
+
+
+class _StreamSource:
+    """A one-pass iterable (generator, file reader): read once in chunks of ``chunk_size`` items.
+
+    The raw bytes of every item (UTF-8 of a text, ``int64`` of a token sequence) are appended to a
+    temporary file as they pass, so the verification pass can re-read the LSH candidates without
+    iterating the source again; memory holds one chunk plus 8 bytes of file offset per item.
+    """
+
+    def __init__(self, items: Any, name: str, kind: str, spill_dir: str | os.PathLike | None) -> None:
+        import tempfile
+
+        self.name, self.kind = name, kind
+        self._it = iter(items)
+        self._tmp = tempfile.TemporaryDirectory(prefix="antimemo-dedup-", dir=spill_dir)
+        self._file = open(os.path.join(self._tmp.name, "items.bin"), "w+b")  # noqa: SIM115 (closed in close())
+        self._ends: list[np.ndarray] = []
+        self._pos = 0
+        self.n: int | None = None
+
+    def _encode(self, item: Any, i: int) -> tuple[Any, bytes]:
+        if self.kind == "text":
+            if not isinstance(item, str):
+                raise TypeError(
+                    f"{self.name}[{i}] must be a str, got {type(item).__name__}; for token ids use "
+                    "DuplicateIndex.from_token_ids(seqs)"
+                )
+            return item, item.encode("utf-8", "surrogatepass")
+        arr = token_array(item, where=f"{self.name}[{i}]")
+        return arr, arr.astype("<i8", copy=False).tobytes()
+
+    def chunks(self, chunk_size: int) -> Iterator[tuple[int, list]]:
+        from itertools import islice
+
+        base = 0
+        while True:
+            raw = list(islice(self._it, chunk_size))
+            if not raw:
+                break
+            pairs = [self._encode(x, base + i) for i, x in enumerate(raw)]
+            del raw
+            sizes = np.fromiter((len(b) for _, b in pairs), dtype=np.int64, count=len(pairs))
+            self._file.write(b"".join(b for _, b in pairs))
+            self._ends.append(self._pos + np.cumsum(sizes))
+            self._pos += int(sizes.sum())
+            items = [x for x, _ in pairs]
+            del pairs
+            yield base, items
+            base += len(items)
+        self.n = base
+        if base == 0:
+            raise ValueError(f"{self.name} is empty: a duplicate index needs at least one example")
+        self._file.flush()
+
+    def take(self, idx: np.ndarray) -> list:
+        ends = np.concatenate(self._ends) if len(self._ends) != 1 else self._ends[0]
+        self._ends = [ends]
+        fd = self._file.fileno()
+        out = []
+        for i in idx.tolist():
+            start = int(ends[i - 1]) if i else 0
+            data = os.pread(fd, int(ends[i]) - start, start)
+            if self.kind == "text":
+                out.append(data.decode("utf-8", "surrogatepass"))
+            else:
+                out.append(np.frombuffer(data, dtype="<i8").astype(np.int64))
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+        self._tmp.cleanup()
+
+
+def _source(items: Any, name: str, kind: str, spill_dir: str | os.PathLike | None) -> _SequenceSource | _StreamSource:
+    if _is_sequence(items):
+        return _SequenceSource(items, name)
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise TypeError(
+            f"{name} must be a sequence (list, tuple, array, dataset column) or an iterable of "
+            f"{'str' if kind == 'text' else 'token sequences'} (e.g. a generator reading a file), got "
+            f"{type(items).__name__}"
+        )
+    return _StreamSource(items, name, kind, spill_dir)
 
 
 def _take(items: Any, start: int, end: int) -> list:
@@ -621,7 +729,7 @@ class DuplicateIndex:
     @classmethod
     def from_texts(
         cls,
-        texts: Sequence[str],
+        texts: Iterable[str],
         *,
         ngram: int = 5,
         num_perm: int = 128,
@@ -631,12 +739,16 @@ class DuplicateIndex:
         chunk_size: int = 2048,
         num_workers: int = 1,
         progress: bool = True,
+        spill_dir: str | os.PathLike | None = None,
     ) -> DuplicateIndex:
         """Index a list of texts: exact duplicates after normalisation plus MinHash-LSH near duplicates.
 
         Args:
-            texts: a sequence of ``str`` (``len`` and indexing; read twice: once in chunks, once
-                for the LSH candidates).
+            texts: a sequence of ``str`` (``len`` and indexing: read once in chunks, then the LSH
+                candidates by index), or any iterable of ``str`` such as a generator reading files
+                (consumed once, ``chunk_size`` texts at a time; the texts pass through a temporary
+                file in ``spill_dir`` so the candidates can be re-read). Either way the result is
+                the same, and memory does not hold the whole corpus.
             ngram: words per shingle (5 as in Lee et al. 2022).
             num_perm: MinHash permutations.
             threshold: Jaccard similarity of shingle sets at or above which two texts are near
@@ -647,6 +759,9 @@ class DuplicateIndex:
             chunk_size: texts per chunk (bounds the memory of one step).
             num_workers: processes (spawned) for the chunked passes; the result does not depend on it.
             progress: show tqdm progress bars.
+            spill_dir: existing directory for the temporary file of a one-pass iterable (``None``:
+                the system temporary directory); unused for a sequence. The file takes the
+                texts' UTF-8 size and is deleted when the build ends.
 
         Returns:
             The index (``kind="text"``).
@@ -659,12 +774,12 @@ class DuplicateIndex:
             [0, 1, 0]
         """
         return cls._build_sketched("text", texts, "texts", ngram, num_perm, threshold, lsh_weights, seed,
-                                   chunk_size, num_workers, progress)
+                                   chunk_size, num_workers, progress, spill_dir)
 
     @classmethod
     def from_token_ids(
         cls,
-        seqs: Sequence[Any],
+        seqs: Iterable[Any],
         *,
         ngram: int = 5,
         num_perm: int = 128,
@@ -674,12 +789,13 @@ class DuplicateIndex:
         chunk_size: int = 2048,
         num_workers: int = 1,
         progress: bool = True,
+        spill_dir: str | os.PathLike | None = None,
     ) -> DuplicateIndex:
         """Index already tokenized sequences: exact duplicates plus MinHash-LSH on token n-grams.
 
         Args:
             seqs: a sequence of 1-D integer sequences (lists, arrays, LongTensors, or the rows of
-                a 2-D tensor).
+                a 2-D tensor), or any iterable of them (consumed once, see :meth:`from_texts`).
             ngram: tokens per shingle.
             num_perm: MinHash permutations.
             threshold: Jaccard threshold of shingle sets.
@@ -688,6 +804,7 @@ class DuplicateIndex:
             chunk_size: sequences per chunk.
             num_workers: processes for the chunked passes; the result does not depend on it.
             progress: show tqdm progress bars.
+            spill_dir: directory for the temporary file of a one-pass iterable (8 bytes per token).
 
         Returns:
             The index (``kind="tokens"``).
@@ -698,7 +815,7 @@ class DuplicateIndex:
             [0, 0, 1]
         """
         return cls._build_sketched("tokens", seqs, "seqs", ngram, num_perm, threshold, lsh_weights, seed,
-                                   chunk_size, num_workers, progress)
+                                   chunk_size, num_workers, progress, spill_dir)
 
     @classmethod
     def _build_sketched(
@@ -714,6 +831,7 @@ class DuplicateIndex:
         chunk_size: int,
         num_workers: int,
         progress: bool,
+        spill_dir: str | os.PathLike | None = None,
     ) -> DuplicateIndex:
         check_int("ngram", ngram, 1, "e.g. ngram=5 (5-word shingles)")
         check_int("num_perm", num_perm, 1, "e.g. num_perm=128")
@@ -722,27 +840,32 @@ class DuplicateIndex:
         check_int("num_workers", num_workers, 1, "1 runs in this process; e.g. num_workers=os.cpu_count()")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a Jaccard similarity in (0, 1), got {threshold!r}; e.g. threshold=0.8")
-        n = _check_sequence(items, name)
+        if spill_dir is not None and not (isinstance(spill_dir, (str, os.PathLike)) and Path(spill_dir).is_dir()):
+            raise ValueError(
+                f"spill_dir must be an existing directory (where a one-pass iterable's items are kept for the "
+                f"verification pass), got {spill_dir!r}; create it first, or pass None for the system temporary directory"
+            )
         from antimemo.dedup.lsh import optimal_params  # scipy: imported only when building
 
         bands, rows = optimal_params(float(threshold), int(num_perm), tuple(float(w) for w in lsh_weights))
         cfg = ShingleConfig(ngram=int(ngram), num_perm=int(num_perm), seed=int(seed), bands=bands, rows=rows)
+        source = _source(items, name, kind, spill_dir)
 
         # worker processes are spawned (not forked: safe next to torch's threads); they import only
         # antimemo.dedup.minhash (numpy), plus whatever the main script imports at its top level
         pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=get_context("spawn")) if num_workers > 1 else None
         try:
-            return cls._build_in(kind, items, n, cfg, threshold, lsh_weights, chunk_size, num_workers, progress, pool)
+            return cls._build_in(kind, source, cfg, threshold, lsh_weights, chunk_size, num_workers, progress, pool)
         finally:
             if pool is not None:
                 pool.shutdown()
+            source.close()
 
     @classmethod
     def _build_in(
         cls,
         kind: str,
-        items: Any,
-        n: int,
+        source: _SequenceSource | _StreamSource,
         cfg: ShingleConfig,
         threshold: float,
         lsh_weights: tuple[float, float],
@@ -754,60 +877,93 @@ class DuplicateIndex:
         from tqdm.auto import tqdm
 
         from antimemo.dedup.clusters import UnionFind
-        from antimemo.dedup.lsh import lsh_buckets
+        from antimemo.dedup.lsh import lsh_bucket_arrays
 
-        bands = cfg.bands
-        content = np.empty(n, dtype=np.uint64)
-        exact = np.empty((n, 2), dtype=np.uint64)
-        num_shingles = np.empty(n, dtype=np.int64)
-        keys = np.empty((n, bands), dtype=np.uint64)
-        bounds = [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
-        jobs = ((kind, _take(items, s, e), s, cfg) for s, e in bounds)
-        with tqdm(total=n, desc=f"dedup: minhash ({kind})", unit="ex", disable=not progress) as bar:
-            for (s, e), res in zip(bounds, _map_chunks(sketch_chunk, jobs, pool, num_workers)):
-                content[s:e] = res["content"]
-                exact[s:e] = res["exact"]
-                num_shingles[s:e] = res["num_shingles"]
-                keys[s:e] = res["bands"]
-                bar.update(e - s)
+        # pass 1: per example content hash, exact key, shingle count and band keys (176 bytes with
+        # the defaults); chunks are read lazily, at most 2 * num_workers in flight
+        parts: dict[str, list[np.ndarray]] = {"content": [], "exact": [], "num_shingles": [], "bands": []}
+        jobs = ((kind, chunk, s, cfg) for s, chunk in source.chunks(chunk_size))
+        with tqdm(total=source.n, desc=f"dedup: minhash ({kind})", unit="ex", disable=not progress) as bar:
+            for res in _map_chunks(sketch_chunk, jobs, pool, num_workers):
+                for key, lst in parts.items():
+                    lst.append(res[key])
+                bar.update(res["content"].shape[0])
+        content = np.concatenate(parts.pop("content"))
+        exact = np.concatenate(parts.pop("exact"))
+        num_shingles = np.concatenate(parts.pop("num_shingles"))
+        n = content.shape[0]
 
         # exact duplicates: root = first example with the same 128-bit key
         order = np.lexsort((exact[:, 1], exact[:, 0]))  # stable: ties keep ascending indices
         sk = exact[order]
         new_group = np.ones(n, dtype=bool)
         new_group[1:] = (sk[1:] != sk[:-1]).any(axis=1)
+        del sk, exact
         group_first = order[new_group]
         exact_root = np.empty(n, dtype=np.int64)
         exact_root[order] = group_first[np.cumsum(new_group) - 1]
+        del order, group_first
         num_groups = int(new_group.sum())
         reps = np.flatnonzero((exact_root == np.arange(n)) & (num_shingles > 0))
-        buckets = lsh_buckets(keys[reps], reps)
+        # band keys of the representatives only, one chunk at a time (never two full copies)
+        keys = np.empty((reps.shape[0], cfg.bands), dtype=np.uint64)
+        lo = 0
+        for s, part in zip(np.cumsum([0] + [p.shape[0] for p in parts["bands"][:-1]]).tolist(), parts["bands"]):
+            hi = int(np.searchsorted(reps, s + part.shape[0]))
+            keys[lo:hi] = part[reps[lo:hi] - s]
+            lo = hi
+        del parts
+        members, bucket_offsets = lsh_bucket_arrays(keys, reps)
         del keys
+        num_buckets = bucket_offsets.shape[0] - 1
+        # a bucket whose members equal an earlier bucket's (the same pair found by several bands)
+        # cannot merge anything new: drop the repeats of two-member buckets before the Python loop
+        sizes = np.diff(bucket_offsets)
+        pair_rows = np.flatnonzero(sizes == 2)
+        pair_codes = members[bucket_offsets[pair_rows]] * n + members[bucket_offsets[pair_rows] + 1]
+        _, first_pair = np.unique(pair_codes, return_index=True)
+        keep = np.ones(num_buckets, dtype=bool)
+        keep[pair_rows] = False
+        keep[pair_rows[first_pair]] = True
+        kept = np.flatnonzero(keep)
+        del pair_codes, first_pair, keep, pair_rows
 
-        # verify candidates with the exact Jaccard similarity of their shingle sets
-        needed = np.unique(np.concatenate(buckets)) if buckets else np.zeros(0, dtype=np.int64)
-        sets: dict[int, np.ndarray] = {}
+        # pass 2: shingle sets of the candidates only, kept flat (one uint64 array plus offsets)
+        needed = np.unique(members)
+        set_parts: list[np.ndarray] = []
+        set_sizes = np.zeros(needed.shape[0], dtype=np.int64)
         nb = [(s, min(needed.shape[0], s + chunk_size)) for s in range(0, needed.shape[0], chunk_size)]
-        jobs2 = ((kind, _take_indices(items, needed[s:e]), 0, cfg.ngram) for s, e in nb)
+        jobs2 = ((kind, source.take(needed[s:e]), 0, cfg.ngram) for s, e in nb)
         with tqdm(total=needed.shape[0], desc="dedup: verifying candidates", unit="ex",
                   disable=not progress or not nb) as bar:
             for (s, e), res in zip(nb, _map_chunks(shingle_sets_chunk, jobs2, pool, num_workers)):
-                for i, arr in zip(needed[s:e].tolist(), res):
-                    sets[i] = arr
+                set_sizes[s:e] = [a.shape[0] for a in res]
+                set_parts.append(np.concatenate(res) if res else np.zeros(0, dtype=np.uint64))
                 bar.update(e - s)
+        flat = np.concatenate(set_parts) if set_parts else np.zeros(0, dtype=np.uint64)
+        del set_parts
+        set_start = np.zeros(needed.shape[0] + 1, dtype=np.int64)
+        np.cumsum(set_sizes, out=set_start[1:])
+        local = np.searchsorted(needed, members)  # member -> position in needed
+
         uf = UnionFind()
         verified = merged = 0
-        for bucket in buckets:
-            members = bucket.tolist()
-            roots = [uf.find(m) for m in members]
+        for bkt in kept.tolist():
+            b0, b1 = int(bucket_offsets[bkt]), int(bucket_offsets[bkt + 1])
+            mem = members[b0:b1].tolist()
+            pos = local[b0:b1].tolist()
+            roots = [uf.find(m) for m in mem]
             if all(r == roots[0] for r in roots):
                 continue
-            for x, u in enumerate(members):
-                su = sets[u]
-                for v in members[x + 1 :]:
+            for x, u in enumerate(mem):
+                pu = pos[x]
+                su = flat[set_start[pu] : set_start[pu + 1]]
+                for y in range(x + 1, len(mem)):
+                    v = mem[y]
                     if uf.find(u) == uf.find(v):
                         continue
-                    sv = sets[v]
+                    pv = pos[y]
+                    sv = flat[set_start[pv] : set_start[pv + 1]]
                     small, large = sorted((su.shape[0], sv.shape[0]))
                     if small < threshold * large:  # J <= |small| / |large| < threshold
                         continue
@@ -815,7 +971,7 @@ class DuplicateIndex:
                     if _jaccard(su, sv) >= threshold:
                         uf.union(u, v)
                         merged += 1
-                if len({uf.find(m) for m in members}) == 1:  # one component: nothing left to compare
+                if len({uf.find(m) for m in mem}) == 1:  # one component: nothing left to compare
                     break
         root = np.arange(n, dtype=np.int64)
         if needed.shape[0]:
@@ -834,7 +990,7 @@ class DuplicateIndex:
             "stats": {
                 "exact_duplicate_examples": int(n - num_groups),
                 "empty_examples": int((num_shingles == 0).sum()),
-                "lsh_buckets": len(buckets),
+                "lsh_buckets": int(num_buckets),
                 "candidate_examples": int(needed.shape[0]),
                 "pairs_verified": verified,
                 "pairs_merged": merged,

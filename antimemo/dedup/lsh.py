@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 from scipy import integrate
 
-__all__ = ["candidate_probability", "lsh_buckets", "optimal_params"]
+__all__ = ["candidate_probability", "lsh_bucket_arrays", "lsh_buckets", "optimal_params"]
 
 
 def candidate_probability(similarity: float, bands: int, rows: int) -> float:
@@ -79,8 +79,50 @@ def optimal_params(
     return best[1]
 
 
+def lsh_bucket_arrays(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Groups of documents sharing a band key, over all bands, as two flat arrays (no per-group objects).
+
+    Args:
+        keys: ``uint64`` band keys ``[M, bands]`` of the documents ``ids``.
+        ids: ``int64`` document indices ``[M]``, ascending.
+
+    Returns:
+        ``(members, offsets)``: bucket ``g`` is ``members[offsets[g]:offsets[g + 1]]`` (ascending);
+        one bucket per (band, key) shared by two or more documents, in band order then key order
+        (deterministic), the same buckets as :func:`lsh_buckets`.
+
+    Example:
+        >>> k = np.array([[1, 5], [1, 6], [2, 6]], dtype=np.uint64)
+        >>> members, offsets = lsh_bucket_arrays(k, np.array([0, 1, 2]))
+        >>> members.tolist(), offsets.tolist()
+        ([0, 1, 1, 2], [0, 2, 4])
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    member_parts: list[np.ndarray] = []
+    size_parts: list[np.ndarray] = []
+    if ids.shape[0] >= 2:
+        for j in range(keys.shape[1]):
+            order = np.argsort(keys[:, j], kind="stable")
+            sk = keys[order, j]
+            change = np.flatnonzero(sk[1:] != sk[:-1]) + 1
+            del sk
+            starts = np.concatenate(([0], change))
+            sizes = np.diff(np.concatenate((starts, [order.shape[0]])))
+            shared = sizes >= 2
+            if not shared.any():
+                continue
+            in_shared = np.repeat(shared, sizes)  # positions of `order` inside a shared run
+            member_parts.append(ids[order[in_shared]])
+            size_parts.append(sizes[shared])
+    members = np.concatenate(member_parts) if member_parts else np.zeros(0, dtype=np.int64)
+    sizes = np.concatenate(size_parts) if size_parts else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(sizes.shape[0] + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    return members, offsets
+
+
 def lsh_buckets(keys: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
-    """Groups of documents sharing a band key, over all bands.
+    """Groups of documents sharing a band key, over all bands (:func:`lsh_bucket_arrays` as a list).
 
     Args:
         keys: ``uint64`` band keys ``[M, bands]`` of the documents ``ids``.
@@ -95,15 +137,5 @@ def lsh_buckets(keys: np.ndarray, ids: np.ndarray) -> list[np.ndarray]:
         >>> [b.tolist() for b in lsh_buckets(k, np.array([0, 1, 2]))]
         [[0, 1], [1, 2]]
     """
-    buckets: list[np.ndarray] = []
-    if ids.shape[0] < 2:
-        return buckets
-    for j in range(keys.shape[1]):
-        order = np.argsort(keys[:, j], kind="stable")
-        sk = keys[order, j]
-        change = np.flatnonzero(sk[1:] != sk[:-1]) + 1
-        starts = np.concatenate(([0], change))
-        ends = np.concatenate((change, [sk.shape[0]]))
-        for s, e in zip(starts[ends - starts >= 2].tolist(), ends[ends - starts >= 2].tolist()):
-            buckets.append(ids[order[s:e]])
-    return buckets
+    members, offsets = lsh_bucket_arrays(keys, ids)
+    return np.split(members, offsets[1:-1]) if offsets.shape[0] > 1 else []
