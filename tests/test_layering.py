@@ -45,6 +45,9 @@ UPPER = ("antimemo.callbacks", "antimemo.cli", "antimemo.ablate", "antimemo.coll
 FORBIDDEN_BETWEEN = (
     ("antimemo.functional", "antimemo.dedup"),
     ("antimemo.dedup", "antimemo.lm"),
+    # LoRA adapters and the fine-tuning split compose with DP through the seams, never by importing a callback
+    ("antimemo.lm.lora", "antimemo.callbacks"),
+    ("antimemo.lm.splits", "antimemo.callbacks"),
 )
 #: Bottom modules and the antimemo modules each may import (nothing else of antimemo).
 BOTTOM = {
