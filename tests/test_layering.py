@@ -38,6 +38,7 @@ LOWER = (
     "antimemo._atomic",
     "antimemo.watermark",
     "antimemo.suffix_index",
+    "antimemo.replica_index",
 )
 LIGHTNING = ("lightning", "pytorch_lightning")
 UPPER = ("antimemo.callbacks", "antimemo.cli", "antimemo.ablate", "antimemo.collapse")
