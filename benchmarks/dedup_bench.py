@@ -17,6 +17,13 @@ What it measures, in one run:
 - Memory: bytes per document of the saved index and of the build-time arrays, and the peak
   traced allocation of one build (``tracemalloc``).
 
+- Throughput by document length on real text: the docstrings of Python's standard library
+  (``ast`` over the installed stdlib, tests excluded; not used to design the pipeline), split
+  into short (50-300 words) and long (> 300 words, the list repeated 10x so that one timed run
+  is long enough) documents. antimemo ``sketch_chunk`` (text -> content hash, exact key, band
+  keys) and datasketch ``update_batch`` on the same shingles' bytes are timed alternately,
+  ``--repeats`` times each; medians and their ratio, plus antimemo's time per stage.
+
 Run: ``python benchmarks/dedup_bench.py`` (about 1 minute on 2 cores). Needs ``datasketch``.
 ``--workers N --scale-docs M`` also times ``from_texts`` with ``N`` worker processes on ``M``
 documents (the workers are spawned, so each imports this script's top-level imports once).
@@ -45,7 +52,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from antimemo.dedup import DuplicateIndex  # noqa: E402
 from antimemo.dedup.minhash import (  # noqa: E402
     ShingleConfig,
+    band_keys,
     permutations,
+    sequence_keys,
     shingle_hashes,
     signatures,
     sketch_chunk,
@@ -202,6 +211,99 @@ def mersenne_signatures(sh: np.ndarray, off: np.ndarray, num_perm: int, seed: in
     return out.T
 
 
+def stdlib_docstrings() -> list[str]:
+    """Docstrings of modules, classes and functions of the installed standard library (tests excluded)."""
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        if {"site-packages", "test", "tests", "idle_test"} & set(path.relative_to(root).parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=True)
+                if doc:
+                    out.append(doc)
+    return out
+
+
+def _stage_profile(texts: list[str], cfg: ShingleConfig, repeats: int, chunk: int = 2048) -> dict:
+    """Median microseconds per document of each stage of ``sketch_chunk`` (same chunks)."""
+    from antimemo.dedup.minhash import _text_elements
+
+    a, b = permutations(cfg.num_perm, cfg.seed)
+    stages: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeats):
+        acc: dict[str, float] = defaultdict(float)
+        for s in range(0, len(texts), chunk):
+            part = texts[s : s + chunk]
+            t0 = time.perf_counter()
+            lengths, el = text_element_hashes(part)
+            t1 = time.perf_counter()
+            _text_elements(part, s)  # content hash + the two above + exact key
+            t2 = time.perf_counter()
+            sequence_keys(el, lengths)
+            t3 = time.perf_counter()
+            sh, off = shingle_hashes(el, lengths, cfg.ngram)
+            t4 = time.perf_counter()
+            sig = signatures(sh, off, a, b)
+            t5 = time.perf_counter()
+            band_keys(sig, cfg.bands, cfg.rows)
+            t6 = time.perf_counter()
+            acc["normalise + word hashes"] += t1 - t0
+            acc["content hash (BLAKE2b per text)"] += (t2 - t1) - (t1 - t0) - (t3 - t2)
+            acc["exact-duplicate key"] += t3 - t2
+            acc["shingle hashes"] += t4 - t3
+            acc["signatures (128 permutations)"] += t5 - t4
+            acc["band keys"] += t6 - t5
+        for k, v in acc.items():
+            stages[k].append(v)
+    return {k: 1e6 * statistics.median(v) / len(texts) for k, v in stages.items()}
+
+
+def throughput_by_length(cfg: ShingleConfig, perm, repeats: int) -> dict:
+    """antimemo vs datasketch docs/s on short and long stdlib docstrings, timed alternately."""
+    from datasketch import MinHash
+
+    docs = stdlib_docstrings()
+    n_words = [len(d.split()) for d in docs]
+    subsets = {
+        "short_50_300_words": [d for d, w in zip(docs, n_words) if 50 <= w <= 300],
+        "long_over_300_words": [d for d, w in zip(docs, n_words) if w > 300] * 10,
+    }
+    out: dict = {"docstrings": len(docs)}
+    for name, texts in subsets.items():
+        shingles = [[s.encode("utf-8") for s in shingle_strings(t)] for t in texts]
+        ours_t, ds_t = [], []
+        for _ in range(repeats):  # alternate, so that load from other jobs hits both alike
+            t0 = time.perf_counter()
+            ours_sketch(texts, cfg)
+            ours_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for sh in shingles:
+                MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=perm, scheme="affine32").update_batch(sh)
+            ds_t.append(time.perf_counter() - t0)
+        n = len(texts)
+        out[name] = {
+            "documents": n,
+            "mean_words": sum(len(t.split()) for t in texts) / n,
+            "mean_shingles": sum(map(len, shingles)) / n,
+            "antimemo_text_to_band_keys_docs_per_s": n / statistics.median(ours_t),
+            "datasketch_update_batch_only_docs_per_s": n / statistics.median(ds_t),
+            "ratio": statistics.median(ds_t) / statistics.median(ours_t),
+            "ratio_per_repeat": [d / o for d, o in zip(ds_t, ours_t)],
+            "antimemo_us_per_doc_by_stage": _stage_profile(texts, cfg, repeats),
+            "datasketch_us_per_doc": 1e6 * statistics.median(ds_t) / n,
+        }
+    return out
+
+
 def timed(fn, repeats: int):
     times = []
     out = None
@@ -281,6 +383,8 @@ def main(argv=None) -> dict:
         "raw_seconds": {"antimemo_from_text": ours_all, "antimemo_signatures": sig_all,
                         "datasketch_from_text": ds_all, "datasketch_update_batch": ds_only_all},
     }
+
+    res["throughput_by_length_stdlib_docstrings"] = throughput_by_length(cfg, perm, max(args.repeats, 5))
 
     # -------------------------------------------------------------- end-to-end index builds
     build_t, build_all, idx = timed(lambda: DuplicateIndex.from_texts(texts, progress=False), args.repeats)
@@ -367,6 +471,17 @@ def _print(res: dict) -> None:
     print(f"| antimemo text -> signature vs datasketch update_batch only | {t['antimemo_minhash_from_text']:.0f} | "
           f"{t['datasketch_update_batch_only']:.0f} | "
           f"{t['ratio_antimemo_from_text_vs_datasketch_update_batch_only']:.1f}x |")
+    by_len = res["throughput_by_length_stdlib_docstrings"]
+    print("| stdlib docstrings | docs | words | antimemo text -> band keys docs/s | datasketch update_batch docs/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name in ("short_50_300_words", "long_over_300_words"):
+        r = by_len[name]
+        print(f"| {name} | {r['documents']} | {r['mean_words']:.0f} | {r['antimemo_text_to_band_keys_docs_per_s']:.0f} | "
+              f"{r['datasketch_update_batch_only_docs_per_s']:.0f} | {r['ratio']:.1f}x |")
+    for name in ("short_50_300_words", "long_over_300_words"):
+        stages = by_len[name]["antimemo_us_per_doc_by_stage"]
+        print(f"{name}: antimemo us/doc by stage " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
+              + f"; datasketch {by_len[name]['datasketch_us_per_doc']:.1f} us/doc")
     print(f"index build: {res['index_build']}")
     if "index_build_scaling" in res:
         print(f"index build scaling: {res['index_build_scaling']}")

@@ -23,6 +23,7 @@ bit for bit (``benchmarks/dedup_bench.py`` checks it).
 
 from __future__ import annotations
 
+import hashlib
 import unicodedata
 from dataclasses import dataclass
 
@@ -455,15 +456,14 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
     """
     if bands * rows > sigs.shape[1]:
         raise ValueError(f"bands * rows = {bands * rows} exceeds num_perm = {sigs.shape[1]}")
+    # all bands at once: acc[d, j] starts at j + 1 and folds in the band's rows one by one
+    s64 = sigs[:, : bands * rows].reshape(sigs.shape[0], bands, rows).astype(_U64)
     keys = np.empty((sigs.shape[0], bands), dtype=_U64)
-    s64 = sigs.astype(_U64)
-    for j in range(bands):
-        acc = np.full(sigs.shape[0], _U64(j + 1), dtype=_U64)
-        for t in range(rows):
-            acc *= _POLY
-            acc += s64[:, j * rows + t]
-        keys[:, j] = fmix64(acc)
-    return keys
+    keys[:] = np.arange(1, bands + 1, dtype=_U64)
+    for t in range(rows):
+        keys *= _POLY
+        keys += s64[:, :, t]
+    return _fmix64_(keys)
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,14 +471,19 @@ def band_keys(sigs: np.ndarray, bands: int, rows: int) -> np.ndarray:
 
 
 def _text_elements(texts: list, base: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    content = np.empty(len(texts), dtype=_U64)
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(
                 f"texts[{base + i}] must be a str, got {type(t).__name__}; for token ids use "
                 "DuplicateIndex.from_token_ids(seqs)"
             )
-        content[i] = content_hash(t.encode("utf-8", "surrogatepass"))
+    # content_hash, inlined: one generator over the chunk instead of a call per text
+    blake, frombytes = hashlib.blake2b, int.from_bytes
+    content = np.fromiter(
+        (frombytes(blake(t.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little") for t in texts),
+        dtype=_U64,
+        count=len(texts),
+    )
     lengths, elements = text_element_hashes(texts)
     return content, lengths, sequence_keys(elements, lengths), elements
 
