@@ -109,3 +109,27 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, flag, value, named
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and named in err[0] and value.split(",")[-1] in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_accumulate_trains_on_real_plus_every_earlier_synthetic_set(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "out"
+    argv = ["recursive", "--config", str(config), "--generations", "3", "--mix", "accumulate", "--out", str(out),
+            "--no_progress", "--threads", "1"]
+    assert main(argv) == 0
+    real = np.load(out / "data" / "real_train.npy", allow_pickle=False)
+    seed_dir = out / "runs" / "accumulate" / "seed0"
+    synthetic = [np.load(seed_dir / "synthetic" / f"gen{g}.npy", allow_pickle=False) for g in (1, 2)]
+    # each generation samples its own predecessor: generation 2's samples are not generation 1's
+    assert synthetic[0].shape == synthetic[1].shape == real.shape and not np.array_equal(*synthetic)
+    for g in (1, 2):
+        train = np.load(seed_dir / f"gen{g}" / "train.npy", allow_pickle=False)
+        assert np.array_equal(train, np.concatenate([real, *synthetic[:g]]))  # real first, then gen 1..g in order
+    rows = {r["generation"]: r for r in _rows(out)}
+    assert [(rows[g]["real_items"], rows[g]["synthetic_items"], rows[g]["train_items"]) for g in "012"] == [
+        ("16", "0", "16"), ("16", "16", "32"), ("16", "32", "48")]
+    # every watermarked sample is detected; real rows are never counted
+    assert rows["2"]["synthetic_flagged"] == "32"
+    report = json.loads((seed_dir / "gen2" / "report.json").read_text())
+    assert report["global_step"] == 48 // 8 and "watermark/filtered_fraction" not in report["metrics"]

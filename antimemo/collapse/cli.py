@@ -2,6 +2,8 @@
 
     antimemo recursive --config recipes/lm_collapse.yaml --generations 5 --mix replace,accumulate,filter \\
         --seeds 2 --out runs/collapse
+    antimemo recursive --config recipes/diffusion_collapse.yaml --generations 4 --mix replace,accumulate \\
+        --seeds 1 --out runs/collapse_diffusion
 
 See :mod:`antimemo.collapse.loop` for the output layout and ``docs/collapse.md``, "The recursive
 loop". A bad argument prints one line naming it and exits with status 2.
@@ -60,10 +62,17 @@ def build_plan(args: argparse.Namespace) -> CollapsePlan:
     if unknown:
         raise ValueError(f"recursive.{unknown[0]}: unknown setting in {args.config!r}; known: {', '.join(DEFAULTS)}")
     settings = {**DEFAULTS, **section}
+    given = set(section)
     for name in DEFAULTS:
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value
+            given.add(name)
+    from antimemo.collapse.images import check_image_recipe, is_image_recipe
+
+    modality = "images" if is_image_recipe(recipe) else "tokens"
+    if modality == "images":
+        check_image_recipe(recipe, str(args.config), mixes, sorted(given))
     checks = (
         ("samples", settings["samples"] is None or (isinstance(settings["samples"], int) and settings["samples"] >= 1), "an integer >= 1, e.g. 128"),
         ("prompt_length", isinstance(settings["prompt_length"], int) and settings["prompt_length"] >= 1, "an integer >= 1, e.g. 8"),
@@ -81,7 +90,8 @@ def build_plan(args: argparse.Namespace) -> CollapsePlan:
     if (recipe.get("trainer") or {}).get("enable_checkpointing") is False:
         raise ValueError(f"trainer.enable_checkpointing is false in {args.config!r}; the recursive loop samples from "
                          "each generation's final checkpoint: set it to true")
-    return CollapsePlan(str(args.config), recipe, Path(args.out), args.generations, mixes, list(range(args.seeds)), settings)
+    return CollapsePlan(str(args.config), recipe, Path(args.out), args.generations, mixes, list(range(args.seeds)), settings,
+                        modality)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         plan = build_plan(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"antimemo recursive: error: {err}", file=sys.stderr)
         return 2
     try:

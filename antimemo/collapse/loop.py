@@ -6,6 +6,7 @@ Layout of the output directory ``OUT``::
     OUT/data/real_train.npy, real_val.npy       the recipe's real training and held-out splits
     OUT/runs/gen0/seed<S>/                      generation 0 (real data; shared by every mix)
     OUT/runs/<mix>/seed<S>/synthetic/gen<g>.npy the watermarked samples of generation g-1's model
+                                                (images for a diffusion recipe; labels in gen<g>_labels.npy)
     OUT/runs/<mix>/seed<S>/gen<g>/              generation g >= 1: fit.yaml, train.npy, report.json, ...
     OUT/generations.csv, summary.md, collapse.png
 
@@ -24,8 +25,7 @@ import io
 import json
 import math
 import os
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,8 @@ __all__ = [
 
 #: The mixing policies: what generation g >= 1 trains on.
 MIXES = ("replace", "accumulate", "filter")
+#: What a recipe trains on: token rows (an LM recipe) or images (a diffusion recipe, :mod:`antimemo.collapse.images`).
+MODALITIES = ("tokens", "images")
 #: Defaults of the recipe's ``recursive:`` section (each also a CLI flag).
 DEFAULTS: dict[str, Any] = {
     "samples": None,          # synthetic sequences per generation; None: as many as real training sequences
@@ -129,6 +131,20 @@ class CollapsePlan:
     mixes: list[str]
     seeds: list[int]
     settings: dict[str, Any] = field(default_factory=dict)
+    modality: str = "tokens"
+
+    @property
+    def metric_columns(self) -> tuple[str, ...]:
+        from antimemo.collapse.images import IMAGE_METRICS
+
+        return IMAGE_METRICS if self.modality == "images" else METRIC_COLUMNS
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        tail = COLUMNS[len(METRIC_COLUMNS) + 3 :]
+        if self.modality == "images":  # no image watermark: nothing is flagged
+            tail = tuple(c for c in tail if c != "synthetic_flagged")
+        return ("generation", "mix", "seed", *self.metric_columns, *tail)
 
     @property
     def real_train(self) -> Path:
@@ -155,28 +171,40 @@ class CollapsePlan:
             return synthetic[-1:]
         return [self.real_train, *synthetic]  # accumulate, filter (the filter drops the watermarked rows)
 
+    def train_file(self, mix: str, seed: int, generation: int) -> Path:
+        """The concatenation of :meth:`training_parts` that generation ``generation``'s fit reads."""
+        return self.run_dir(mix, seed, generation) / "train.npy"
+
 
 def generation_config(plan: CollapsePlan, mix: str, seed: int, generation: int, train_file: Path) -> dict[str, Any]:
     """The ``antimemo fit`` config of one generation: the recipe with its ``data:`` replaced by a
     ``TokenFileDataModule`` (``train_file``; the REAL held-out split for validation), its seeds set
     to ``seed``, and a ``DiversityMonitor`` (plus ``WatermarkFilter(policy="drop")`` for ``filter``
-    at generation >= 1) appended to ``trainer.callbacks``."""
+    at generation >= 1) appended to ``trainer.callbacks``. For a diffusion recipe ``data:`` is an
+    ``ImageFileDataModule`` and nothing is appended (its ``replica_monitor:`` measures)."""
     cfg = copy.deepcopy(plan.recipe)
     cfg.pop("recursive", None)
     data = _init_args(cfg.get("data"))
-    cfg["data"] = {"class_path": "antimemo.lm.token_files.TokenFileDataModule", "init_args": {
-        "train": str(train_file), "val": str(plan.real_val), "seq_len": data.get("seq_len"),
-        "batch_size": data.get("batch_size", 8),
-    }}
+    if plan.modality == "images":
+        from antimemo.collapse.images import data_section
+
+        cfg["data"] = data_section(plan.recipe, train_file, plan.real_val)
+    else:
+        cfg["data"] = {"class_path": "antimemo.lm.token_files.TokenFileDataModule", "init_args": {
+            "train": str(train_file), "val": str(plan.real_val), "seq_len": data.get("seq_len"),
+            "batch_size": data.get("batch_size", 8),
+        }}
     cfg["seed_everything"] = seed
     model = _init_args(cfg.setdefault("model", {}))
     model["seed"] = seed
-    monitor = cfg.get("monitor")
-    if isinstance(monitor, dict):
-        _init_args(monitor)["seed"] = seed
+    for name in ("monitor", "replica_monitor"):
+        if isinstance(cfg.get(name), dict):
+            _init_args(cfg[name])["seed"] = seed
     trainer = cfg.setdefault("trainer", {})
     run_dir = plan.run_dir(mix, seed, generation)
     trainer["default_root_dir"] = str(run_dir)
+    if plan.modality == "images":
+        return cfg  # the recipe's replica_monitor measures FID, Vendi and the replica rate
     every = int(trainer.get("check_val_every_n_epoch", 1) or 1)
     diversity = {"every_n_epochs": every, "seed": seed, **plan.settings.get("diversity", {})}
     if "vocab_size" in model and "vocab_size" not in diversity:
@@ -204,45 +232,89 @@ def final_checkpoint(run_dir: Path) -> Path:
     return ckpts[-1]
 
 
-def _prepare_generation(plan: CollapsePlan, mix: str, seed: int, generation: int) -> dict[str, Any]:
-    """Sample generation ``g``'s synthetic data (if not on disk), write its training file and config."""
+def _copy_shared_draw(plan: CollapsePlan, mix: str, seed: int, path: Path) -> bool:
+    """Generation 1 of every mix samples the shared generation-0 model with the same seed: reuse a
+    draw another mix already made (byte for byte what sampling again would give). Returns whether one was."""
+    for other in MIXES:
+        source = plan.synthetic_path(other, seed, 1)
+        if other != mix and source.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if plan.modality == "images":
+                from antimemo.collapse.image_files import labels_path
+
+                atomic_write_bytes(labels_path(path), labels_path(source).read_bytes())  # labels first (see save_images)
+            atomic_write_bytes(path, source.read_bytes())
+            return True
+    return False
+
+
+def _sample(plan: CollapsePlan, mix: str, seed: int, generation: int, path: Path) -> None:
+    """Draw generation ``generation``'s synthetic data from generation ``generation - 1``'s final checkpoint."""
+    import numpy as np
+    import torch
+
+    from antimemo.collapse.synth import GreenListProcessor, load_checkpoint_model, sample_synthetic, save_tokens
+
+    s = plan.settings
+    if generation == 1 and _copy_shared_draw(plan, mix, seed, path):
+        return
+    module = load_checkpoint_model(final_checkpoint(plan.run_dir(mix, seed, generation - 1)), plan.recipe)
+    draw_seed = seed * 1_000_003 + generation
+    if plan.modality == "images":
+        from antimemo.collapse.images import sample_images, save_images
+
+        m = s["samples"] or int(np.load(plan.real_train, mmap_mode="r", allow_pickle=False).shape[0])
+        images, labels = sample_images(module, m, seed=draw_seed * 1_000_003)
+        save_images(path, images, labels)
+        return
+    real = torch.from_numpy(np.load(plan.real_train, allow_pickle=False))
+    m = s["samples"] or real.shape[0]
+    prompts = real[torch.arange(m) % real.shape[0], : s["prompt_length"]]
+    vocab = getattr(getattr(getattr(module, "model", None), "config", None), "vocab_size", None)
+    proc = GreenListProcessor(gamma=s["gamma"], delta=s["delta"], key=s["key"],
+                              context_width=s["context_width"], vocab_size=vocab)
+    lm = getattr(module, "model", module)
+    rows = sample_synthetic(lm, prompts, real.shape[1], proc, seed=draw_seed, temperature=s["temperature"])
+    save_tokens(path, rows)
+
+
+def _write_train_file(plan: CollapsePlan, parts: list[Path], train_file: Path) -> list[int]:
+    """Concatenate ``parts`` (in order) into ``train_file`` unless it exists; returns each part's item count."""
     import numpy as np
 
+    if plan.modality == "images":
+        from antimemo.collapse.images import load_images, save_images
+
+        arrays = [load_images(p) for p in parts]
+        if not train_file.is_file():
+            save_images(train_file, np.concatenate([a[0] for a in arrays]), np.concatenate([a[1] for a in arrays]))
+        return [a[0].shape[0] for a in arrays]
     from antimemo.collapse.synth import save_tokens
 
+    tokens = [np.load(p, allow_pickle=False) for p in parts]
+    if not train_file.is_file():
+        save_tokens(train_file, np.concatenate(tokens, axis=0))
+    return [a.shape[0] for a in tokens]
+
+
+def _prepare_generation(plan: CollapsePlan, mix: str, seed: int, generation: int) -> dict[str, Any]:
+    """Sample generation ``g``'s synthetic data (if not on disk), write its training file and config."""
     run_dir = plan.run_dir(mix, seed, generation)
     run_dir.mkdir(parents=True, exist_ok=True)
-    s = plan.settings
     if generation >= 1:
         synth = plan.synthetic_path(mix, seed, generation)
         if not synth.is_file():
-            import torch
-
-            from antimemo.collapse.synth import GreenListProcessor, load_checkpoint_model, sample_synthetic
-
-            module = load_checkpoint_model(final_checkpoint(plan.run_dir(mix, seed, generation - 1)), plan.recipe)
-            real = torch.from_numpy(np.load(plan.real_train, allow_pickle=False))
-            m = s["samples"] or real.shape[0]
-            prompts = real[torch.arange(m) % real.shape[0], : s["prompt_length"]]
-            vocab = getattr(getattr(getattr(module, "model", None), "config", None), "vocab_size", None)
-            proc = GreenListProcessor(gamma=s["gamma"], delta=s["delta"], key=s["key"],
-                                      context_width=s["context_width"], vocab_size=vocab)
-            lm = getattr(module, "model", module)
-            rows = sample_synthetic(lm, prompts, real.shape[1], proc, seed=seed * 1_000_003 + generation,
-                                    temperature=s["temperature"])
-            save_tokens(synth, rows)
+            _sample(plan, mix, seed, generation, synth)
     parts = plan.training_parts(mix, seed, generation)
-    arrays = [np.load(p, allow_pickle=False) for p in parts]
-    train_file = run_dir / "train.npy"
-    if not train_file.is_file():
-        save_tokens(train_file, np.concatenate(arrays, axis=0))
+    train_file = plan.train_file(mix, seed, generation)
+    counts = _write_train_file(plan, parts, train_file)
     cfg = generation_config(plan, mix, seed, generation, train_file)
     import yaml
 
     config_file = run_dir / "fit.yaml"
     atomic_write_text(config_file, yaml.safe_dump(cfg, sort_keys=False))
-    real_items = sum(a.shape[0] for p, a in zip(parts, arrays) if p == plan.real_train)
-    return {"config_file": config_file, "train_items": sum(a.shape[0] for a in arrays), "real_items": real_items}
+    real_items = sum(n for p, n in zip(parts, counts) if p == plan.real_train)
+    return {"config_file": config_file, "train_items": sum(counts), "real_items": real_items}
 
 
 def _info(plan: CollapsePlan, mix: str, seed: int, generation: int) -> dict[str, Any]:
@@ -255,13 +327,15 @@ def _info(plan: CollapsePlan, mix: str, seed: int, generation: int) -> dict[str,
     parts = plan.training_parts(mix, seed, generation)
     real = synthetic = flagged = 0
     for p in parts:
-        a = np.load(p, allow_pickle=False)
+        a = np.load(p, mmap_mode="r" if plan.modality == "images" else None, allow_pickle=False)
         if p == plan.real_train:
             real += a.shape[0]
         else:
             synthetic += a.shape[0]
-            flagged += int(watermark_flags(a, s["gamma"], s["key"], s["context_width"], s["z_threshold"]).sum())
-    return {"train_items": real + synthetic, "real_items": real, "synthetic_items": synthetic, "synthetic_flagged": flagged}
+            if plan.modality == "tokens":
+                flagged += int(watermark_flags(a, s["gamma"], s["key"], s["context_width"], s["z_threshold"]).sum())
+    return {"train_items": real + synthetic, "real_items": real, "synthetic_items": synthetic,
+            "synthetic_flagged": flagged if plan.modality == "tokens" else None}
 
 
 def _row(plan: CollapsePlan, mix: str, seed: int, generation: int) -> dict[str, Any]:
@@ -269,7 +343,7 @@ def _row(plan: CollapsePlan, mix: str, seed: int, generation: int) -> dict[str, 
     report = json.loads((run_dir / REPORT).read_text(encoding="utf-8"))
     metrics = report.get("metrics") or {}
     row: dict[str, Any] = {"generation": generation, "mix": mix, "seed": seed}
-    for key in METRIC_COLUMNS:
+    for key in plan.metric_columns:
         row[key] = report.get(key) if key in ("val_loss", "exact_match") else metrics.get(key)
     row.update(_info(plan, mix, seed, generation))
     row["train_wall_time_s"] = report.get("train_wall_time_s")
@@ -294,14 +368,26 @@ def write_outputs(plan: CollapsePlan, rows: list[dict[str, Any]]) -> dict[str, P
     """Write ``generations.csv``, ``summary.md`` and ``collapse.png`` (atomically)."""
     out = plan.out
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(COLUMNS), lineterminator="\n")
+    columns = plan.columns
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in COLUMNS})
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
     paths = {"csv": atomic_write_text(out / "generations.csv", buffer.getvalue())}
 
-    shown = ("val_loss", "diversity/distinct_2", "diversity/distinct_4", "diversity/tail_coverage", "exact_match",
-             "watermark/filtered_fraction", "synthetic_items", "synthetic_flagged")
+    if plan.modality == "images":
+        from antimemo.collapse.images import IMAGE_METRICS, IMAGE_PLOTTED
+
+        shown: tuple[str, ...] = (*IMAGE_METRICS, "real_items", "synthetic_items")
+        plotted = IMAGE_PLOTTED
+        note = ("`val_loss` is the denoising loss and `replication/fid` the FID against the REAL held-out images; "
+                "`replication/rate` counts samples above the replica threshold against the generation's own "
+                "training images")
+    else:
+        shown = ("val_loss", "diversity/distinct_2", "diversity/distinct_4", "diversity/tail_coverage", "exact_match",
+                 "watermark/filtered_fraction", "synthetic_items", "synthetic_flagged")
+        plotted = PLOTTED
+        note = "`val_loss` is the loss on the REAL held-out split"
     groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["mix"], row["generation"]), []).append(row)
@@ -310,7 +396,7 @@ def write_outputs(plan: CollapsePlan, rows: list[dict[str, Any]]) -> dict[str, P
         "# Recursive training (antimemo recursive)", "",
         f"Config `{plan.config_path}`, {plan.generations} generation{'s' if plan.generations != 1 else ''} "
         f"(0 = real data), mix {', '.join(plan.mixes)}, {n_seeds} seed{'s' if n_seeds != 1 else ''} "
-        f"(mean over seeds). `val_loss` is the loss on the REAL held-out split.", "",
+        f"(mean over seeds). {note}.", "",
         "| mix | generation | " + " | ".join(shown) + " |",
         "|---|---|" + "---|" * len(shown),
     ]
@@ -325,8 +411,8 @@ def write_outputs(plan: CollapsePlan, rows: list[dict[str, Any]]) -> dict[str, P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], PLOTTED):
+    fig, axes = plt.subplots(1, len(plotted), figsize=(4 * len(plotted), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], plotted):
         for mix in plan.mixes:
             xs, ys = [], []
             for gen in range(plan.generations):
@@ -355,14 +441,20 @@ def run_recursive(plan: CollapsePlan, threads: int | None = None, progress: bool
         failed or busy run (its later generations are not run).
     """
     plan.out.mkdir(parents=True, exist_ok=True)
+    if threads is not None:  # the sampling here runs with the children's thread count
+        import torch
+
+        torch.set_num_threads(threads)
     atomic_write_text(plan.out / "recursive.json", json.dumps({
         "config": plan.config_path, "generations": plan.generations, "mixes": plan.mixes, "seeds": plan.seeds,
-        "settings": plan.settings,
+        "settings": plan.settings, "modality": plan.modality,
     }, indent=2, default=str) + "\n")
     if not (plan.real_train.is_file() and plan.real_val.is_file()):
-        from antimemo.collapse.synth import export_real_data
-
-        export_real_data(plan.recipe, plan.real_train, plan.real_val)
+        if plan.modality == "images":
+            from antimemo.collapse.images import export_real_images as export
+        else:
+            from antimemo.collapse.synth import export_real_data as export
+        export(plan.recipe, plan.real_train, plan.real_val)
     alive = [(mix, seed) for mix in plan.mixes for seed in plan.seeds]
     failures: list[str] = []
     bar = None
