@@ -54,6 +54,7 @@ from antimemo.callbacks._seams import grad_seam, loader_seam, loss_seam, per_seq
 from antimemo.dp.config import check_dp_arguments
 from antimemo.dp.hf import find_causal_lms, install_batched_position_ids, register_grad_samplers
 from antimemo.dp.loader import poisson_loader
+from antimemo.dp.routes import choose_route, ghost_blocker, sequence_length
 from antimemo.dp.validate import check_no_tied_ghost, validate_model
 from antimemo.sampling import DedupSampler
 from antimemo.dp.sampler import EmptySafeCollate, PoissonBatchSampler, mix_seed
@@ -73,6 +74,16 @@ def _import_opacus() -> Any:
             "DifferentialPrivacy needs Opacus, which is not installed; install it with pip install 'antimemo[dp]'"
         ) from err
     return opacus
+
+
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bit_checksum(t: Tensor) -> Tensor:
+    """Sum of ``t``'s elements read as integers of their width, in wrapping int64: exact, order-free."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.view(_INT_OF_WIDTH[t.element_size()]).sum(dtype=torch.int64)
 
 
 def _batch_size(batch: Any) -> int | None:
@@ -147,8 +158,11 @@ class DifferentialPrivacy(pl.Callback):
         accountant: ``"prv"`` (default, tightest), ``"rdp"`` or ``"gdp"`` (Opacus accountants).
         poisson_sampling: must be ``True``: the accountants assume Poisson sampling, and fixed-size
             shuffled batches make their epsilon an underestimate.
-        grad_sample_mode: ``"hooks"`` (Opacus' per-layer grad samplers, functorch for layers
-            without one), ``"functorch"`` (functorch for every layer) or ``"ghost"`` (ghost
+        grad_sample_mode: ``"auto"`` (at fit start, the fastest route valid for the model by
+            :func:`~antimemo.dp.routes.choose_route`; the choice is logged and stored in
+            :attr:`route` and :meth:`guarantee`), ``"hooks"`` (Opacus' per-layer grad samplers,
+            functorch for layers without one), ``"functorch"`` (functorch for every layer) or
+            ``"ghost"`` (ghost
             clipping: per-sample gradient *norms* only, two backward passes, much less memory;
             needs Hugging Face causal LMs whose loss comes from ``labels=``, see the docs).
         secure_mode: use a cryptographically secure RNG (``torchcsprng``) for noise and sampling.
@@ -215,6 +229,10 @@ class DifferentialPrivacy(pl.Callback):
         self.accountant = accountant
         self.poisson_sampling = poisson_sampling
         self.grad_sample_mode = grad_sample_mode
+        #: the per-sample-gradient route in use: grad_sample_mode, or what "auto" chose at fit start
+        self.route: str | None = None if grad_sample_mode == "auto" else grad_sample_mode
+        #: why "auto" chose :attr:`route` (None for an explicit grad_sample_mode)
+        self.route_reason: str | None = None
         self.secure_mode = secure_mode
         self.fix = fix
         self.allow_nonprivate_start = allow_nonprivate_start
@@ -431,7 +449,8 @@ class DifferentialPrivacy(pl.Callback):
 
         self.fixed_layers = validate_model(pl_module, self.fix) or self.fixed_layers
         if self._hooks is None:
-            if self.grad_sample_mode == "ghost":
+            self._resolve_route(trainer, pl_module)
+            if self.route == "ghost":
                 check_no_tied_ghost(pl_module)
                 self._hooks = GradSampleHooksFastGradientClipping(
                     pl_module,
@@ -447,7 +466,7 @@ class DifferentialPrivacy(pl.Callback):
                     batch_first=True,
                     loss_reduction="mean",
                     strict=True,
-                    force_functorch=self.grad_sample_mode == "functorch",
+                    force_functorch=self.route == "functorch",
                 )
                 self._hooks.forbid_grad_accumulation()
 
@@ -472,7 +491,7 @@ class DifferentialPrivacy(pl.Callback):
                     )
         self.noise_multiplier = self._resolve_noise(trainer)
         distributed = self.world_size > 1
-        cls = get_optimizer_class(clipping="flat", distributed=distributed, grad_sample_mode=self.grad_sample_mode)
+        cls = get_optimizer_class(clipping="flat", distributed=distributed, grad_sample_mode=self.route)
         generator = None
         if self.secure_mode:
             import torchcsprng as csprng
@@ -524,7 +543,7 @@ class DifferentialPrivacy(pl.Callback):
         self._seams = [loss_seam(lm) for lm in find_causal_lms(pl_module)]
         self._seam_handles = [seam.set_reduction(self, self._reduce) for seam in self._seams]
         self._pos_handles = install_batched_position_ids(pl_module)
-        if self.grad_sample_mode == "ghost":
+        if self.route == "ghost":
             self._patch_backward(pl_module)
         self._checked_sum = False
         if self.target_epsilon is not None:
@@ -537,9 +556,33 @@ class DifferentialPrivacy(pl.Callback):
             f"DifferentialPrivacy: noise_multiplier={self.noise_multiplier:.4g}, max_grad_norm={self.max_grad_norm:g}, "
             f"sample_rate={self.sample_rate:.4g} (expected batch {self.sample_rate * self.dataset_size:.1f} of "
             f"{self.dataset_size} examples, {int(1 / self.sample_rate)} steps/epoch), delta={self.delta:.3g}, "
-            f"accountant={self.accountant}, grad_sample_mode={self.grad_sample_mode}, world_size={self.world_size}, "
+            f"accountant={self.accountant}, grad_sample_mode={self.route}"
+            f"{' (auto)' if self.grad_sample_mode == 'auto' else ''}, world_size={self.world_size}, "
             f"noise={self._noise_source()}{self._coverage_note()}"
         )
+
+    def _resolve_route(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``grad_sample_mode="auto"``: pick the route for this model and the training items' length; log it."""
+        if self.grad_sample_mode != "auto":
+            self.route = self.grad_sample_mode
+            return
+        from antimemo.lm.module import CausalLMModule
+
+        # CausalLMModule's own training_step returns the LM's labels= loss unchanged (ghost's requirement)
+        known_loss = isinstance(pl_module, CausalLMModule) and (
+            type(pl_module).training_step is CausalLMModule.training_step
+        )
+        blocker = ghost_blocker(pl_module, known_loss)
+        seq_len = None
+        dataset = getattr(trainer.train_dataloader, "dataset", None)
+        if dataset is not None:
+            try:
+                seq_len = sequence_length(dataset[0])
+            except (IndexError, KeyError, TypeError):  # an empty or non-indexable dataset: length unknown
+                seq_len = None
+        choice = choose_route(pl_module, seq_len, blocker)
+        self.route, self.route_reason = choice.route, choice.reason
+        rank_zero_info(f"DifferentialPrivacy: grad_sample_mode='auto' chose '{choice.route}': {choice.reason}")
 
     # ------------------------------------------------------------------ non-private starts
     def _check_private_start(self, trainer: pl.Trainer) -> None:
@@ -608,28 +651,24 @@ class DifferentialPrivacy(pl.Callback):
 
     # ------------------------------------------------------------------ parameter changes outside the DP step
     def _take_fingerprint(self) -> tuple[tuple[int, ...], Tensor] | None:
-        """Version counters and (L2, L1) norms of every parameter, accumulated in float64: two reads of the weights.
+        """Version counters and a bit-exact checksum of every parameter: one read of the weights.
 
-        The version counters see every in-place update except writes to ``p.data`` and fused optimizers;
-        the float64 norms see those (a change that leaves both norms bit-identical is not detected).
+        The version counters see every in-place update except writes to ``p.data`` and fused
+        optimizers. The checksum sees those: the sum, in wrapping int64 arithmetic, of each
+        parameter's elements read as integers of their width (float32 as int32, bf16 as int16...).
+        Integer addition is exact and order-free, so any change of one element (a single ulp, a
+        sign flip) changes it; only changes whose bit-pattern differences cancel exactly go
+        unseen. It replaced float64 L2 and L1 norms (two reads and a float64 copy of every weight,
+        which missed sign flips): the profile in docs/benchmarks.md "DP-SGD routes" showed them at
+        about 18% of a DP step of the 7M model.
         """
         params = self._watched
         if not params:
             return None
         versions = tuple(int(p._version) for p in params)
-        device = params[0].device
-        acc = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
-        values = torch.empty(len(params), 2, dtype=acc, device=device)
-        groups: dict[tuple[Any, Any], list[int]] = {}
-        for i, p in enumerate(params):
-            groups.setdefault((p.device, p.dtype), []).append(i)
         with torch.no_grad():
-            for idx in groups.values():
-                tensors = [params[i].detach() for i in idx]
-                l2 = torch.stack(torch._foreach_norm(tensors, 2, dtype=acc))
-                l1 = torch.stack(torch._foreach_norm(tensors, 1, dtype=acc))
-                values[torch.tensor(idx, device=device)] = torch.stack([l2, l1], dim=1).to(device)
-        return versions, values
+            sums = [_bit_checksum(p.detach()) for p in params]
+        return versions, torch.stack([s.to(sums[0].device) for s in sums])
 
     def _check_fingerprint(self, when: str) -> None:
         before = self._fingerprint
@@ -637,13 +676,13 @@ class DifferentialPrivacy(pl.Callback):
             return
         now = self._take_fingerprint()
         assert now is not None
-        same_values = (before[1] == now[1]) | (before[1].isnan() & now[1].isnan())
+        same_values = before[1] == now[1]
         if before[0] == now[0] and bool(same_values.all()):
             return
         changed = [
             self._param_name(p)
             for i, p in enumerate(self._watched)
-            if before[0][i] != now[0][i] or not bool(same_values[i].all())
+            if before[0][i] != now[0][i] or not bool(same_values[i])
         ]
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise RuntimeError(
@@ -855,7 +894,7 @@ class DifferentialPrivacy(pl.Callback):
                     )
         self._check_fingerprint("since the last DP step")
         b = self._batch_size
-        ghost = self.grad_sample_mode == "ghost"
+        ghost = self.route == "ghost"
         params = self._dp_optimizer.params
         if not params:
             raise RuntimeError("DifferentialPrivacy: the optimizer has no trainable parameters")
@@ -1061,8 +1100,9 @@ class DifferentialPrivacy(pl.Callback):
         Keys: ``epsilon``, ``delta``, ``accountant``, ``private_steps``, ``noise_multiplier``,
         ``max_grad_norm``, ``sample_rate``, ``dataset_size``, ``unit``, ``noise`` (``"secret"``,
         ``"secure"`` or ``"reproducible"``), ``reproducible_noise``, ``nonprivate_start``,
-        ``nonprivate_steps`` and ``statement`` (one sentence that never gives epsilon without
-        what it covers).
+        ``nonprivate_steps``, ``grad_sample_mode`` (the route in use; what ``"auto"`` chose after
+        fit start), ``grad_sample_mode_reason`` (why ``"auto"`` chose it) and ``statement`` (one
+        sentence that never gives epsilon without what it covers).
 
         Example:
             >>> g = DifferentialPrivacy(noise_multiplier=1.0).guarantee()
@@ -1113,5 +1153,7 @@ class DifferentialPrivacy(pl.Callback):
             "reproducible_noise": self.reproducible_noise,
             "nonprivate_start": self.nonprivate_start,
             "nonprivate_steps": self.nonprivate_steps,
+            "grad_sample_mode": self.route if self.route is not None else self.grad_sample_mode,
+            "grad_sample_mode_reason": self.route_reason,
             "statement": statement,
         }

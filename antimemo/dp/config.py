@@ -9,7 +9,7 @@ from antimemo.dp.accounting import ACCOUNTANTS
 
 __all__ = ["GRAD_SAMPLE_MODES", "check_dp_arguments"]
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "auto")
 
 
 def check_dp_arguments(
@@ -77,8 +77,9 @@ def check_dp_arguments(
         )
     if grad_sample_mode not in GRAD_SAMPLE_MODES:
         raise ValueError(
-            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}; 'ew' and 'ghost_fsdp' "
-            "need Opacus' module wrapper or FSDP, which this callback does not use"
+            f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}; 'auto' picks the fastest "
+            "valid one. 'ew' (ExpandedWeights) and 'ghost_fsdp' need Opacus' module wrapper or FSDP, which this "
+            "callback does not use (and ExpandedWeights cannot run LlamaRMSNorm's weight multiply)"
         )
     for name, value in (
         ("secure_mode", secure_mode),

@@ -1,0 +1,161 @@
+"""DifferentialPrivacy(grad_sample_mode="auto"): which per-sample-gradient route it picks, and that it trains."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from antimemo.callbacks.dp import DifferentialPrivacy, _bit_checksum
+from antimemo.dp import compute_epsilon
+from antimemo.dp.routes import GHOST_SEQ_FACTOR, choose_route, ghost_blocker, ghost_crossover, sequence_length
+from antimemo.lm.data import TextDataModule
+from antimemo.lm.module import CausalLMModule
+
+transformers.logging.set_verbosity_error()
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
+
+# hidden 64, MLP 128, vocab 257: ghost/hooks crossover ~40.7 tokens, so auto picks ghost up to seq 20
+TINY = {"vocab_size": 257, "hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128}
+
+
+def _llama(tie: bool = False) -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=257, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+        tie_word_embeddings=tie,
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(vocab_size=257, n_embd=64, n_layer=1, n_head=2, n_positions=64, tie_word_embeddings=False)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def test_crossover_is_the_cost_model():
+    lm = _llama()
+    # q, k, v, o 64x64; gate, up, down 64x128; lm_head 64x257
+    num = 4 * 64 * 64 + 3 * 64 * 128 + 64 * 257
+    den = 4 * 128 + 3 * 192 + (64 + 257)
+    assert ghost_crossover(lm) == pytest.approx(num / den)
+    assert ghost_crossover(nn.Sequential(nn.Embedding(10, 4), nn.ReLU())) is None
+
+
+def test_auto_picks_ghost_for_short_sequences_and_hooks_for_long_ones():
+    lm = _llama()
+    limit = GHOST_SEQ_FACTOR * ghost_crossover(lm)
+    short, long = choose_route(lm, int(limit), None), choose_route(lm, int(limit) + 1, None)
+    assert short.route == "ghost" and "per-sample norms cost less" in short.reason
+    assert long.route == "hooks" and "second backward" in long.reason
+
+
+@pytest.mark.parametrize(
+    ("model", "seq_len", "loss_is_lm_loss", "reason"),
+    [
+        (lambda: _llama(tie=True), 8, True, "tied embeddings"),  # ghost refuses shared parameters
+        (_llama, 8, False, "not known to be the LM's own"),  # a custom training_step's loss
+        (lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2)), 8, False, "0 Hugging Face causal LMs"),
+        (lambda: nn.ModuleList([_llama(), _llama()]), 8, True, "2 Hugging Face causal LMs"),
+    ],
+)
+def test_auto_picks_hooks_where_ghost_is_invalid(model, seq_len, loss_is_lm_loss, reason):
+    m = model()
+    blocker = ghost_blocker(m, loss_is_lm_loss)
+    assert blocker is not None and reason in blocker
+    choice = choose_route(m, seq_len, blocker)
+    assert choice.route == "hooks" and reason in choice.reason
+
+
+def test_auto_picks_hooks_for_gpt2_conv1d_and_unknown_lengths():
+    gpt2 = _gpt2()
+    assert ghost_blocker(gpt2, True) is None  # valid for ghost, but its Conv1D layers have no ghost norm sampler
+    choice = choose_route(gpt2, 4, None)
+    assert choice.route == "hooks" and "ghost norm sampler" in choice.reason
+    assert choose_route(_llama(), None, None).route == "hooks"
+    assert sequence_length({"input_ids": torch.zeros(5, dtype=torch.long), "labels": torch.zeros(7)}) == 5
+    assert sequence_length((torch.tensor(1.0), torch.zeros(3, 9))) == 9
+    assert sequence_length({"x": 1}) is None
+
+
+def test_unknown_mode_names_the_valid_ones():
+    with pytest.raises(ValueError, match=r"grad_sample_mode must be one of \('hooks', 'functorch', 'ghost', 'auto'\), got 'ew'"):
+        DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="ew")
+    assert DifferentialPrivacy(noise_multiplier=1.0).grad_sample_mode == "hooks"  # the default is unchanged
+    auto = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="auto")
+    assert auto.route is None and auto.guarantee()["grad_sample_mode"] == "auto"
+
+
+def test_bit_checksum_sees_every_single_change():
+    w = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    base = _bit_checksum(w)
+    for change in (lambda t: t.neg_(), lambda t: t.copy_(torch.nextafter(t, torch.tensor(float("inf"))))):
+        for i in (0, 17, 999):
+            v = w.clone()
+            change(v[i : i + 1])
+            assert _bit_checksum(v) != base
+    assert _bit_checksum(w.clone()) == base
+    assert _bit_checksum(w.to(torch.bfloat16)).dtype == torch.int64
+
+
+class GradSampleSpy(pl.Callback):
+    """After DP's pre-step checks: the per-sample gradient (or ghost norm) shape of every trainable parameter."""
+
+    def __init__(self):
+        self.shapes: list[tuple[int, ...]] = []
+        self.norms: list[tuple[int, ...]] = []
+        self.batch = 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.shapes, self.norms = [], []
+        for p in pl_module.parameters():
+            if p.requires_grad:
+                gs, ns = getattr(p, "grad_sample", None), getattr(p, "_norm_sample", None)
+                if gs is not None:
+                    self.shapes.append((tuple(gs.shape), tuple(p.shape)))
+                if ns is not None:
+                    self.norms.append(tuple(ns.shape))
+
+
+def _fit(mode: str, seq_len: int, caplog=None):
+    pl.seed_everything(0, verbose=False)
+    model = CausalLMModule(**TINY, max_position_embeddings=64, seed=0)
+    data = TextDataModule(seq_len=seq_len, num_train=64, num_holdout=8, batch_size=8, seed=0)
+    dp = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode=mode, reproducible_noise=True)
+    spy = GradSampleSpy()
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[dp, spy],
+    )
+    trainer.fit(model, data)
+    return dp, spy, trainer
+
+
+def test_auto_trains_with_ghost_on_short_sequences_and_accounts_as_ghost(caplog):
+    with caplog.at_level(logging.INFO):
+        auto, spy, trainer = _fit("auto", seq_len=16)
+    assert auto.route == "ghost"
+    chosen = [r.getMessage() for r in caplog.records if "grad_sample_mode='auto' chose" in r.getMessage()]
+    assert len(chosen) == 1 and "chose 'ghost'" in chosen[0] and "sequence length 16" in chosen[0]
+    g = auto.guarantee()
+    assert g["grad_sample_mode"] == "ghost" and "sequence length 16" in g["grad_sample_mode_reason"]
+    # every trainable parameter got a per-sample gradient norm for the batch; no per-sample gradients stored
+    assert spy.norms and len({n for n in spy.norms}) == 1 and not spy.shapes
+    # accounting does not depend on the route: the same history and epsilon as an explicit ghost run
+    ghost, _, _ = _fit("ghost", seq_len=16)
+    assert auto.history == ghost.history and auto.steps == 3
+    assert auto.epsilon == pytest.approx(compute_epsilon(ghost.history, ghost.delta, "prv"))
+    assert float(trainer.callback_metrics["dp/epsilon"]) == pytest.approx(auto.epsilon)
+
+
+def test_auto_trains_with_hooks_on_long_sequences():
+    auto, spy, _ = _fit("auto", seq_len=64)
+    assert auto.route == "hooks" and "sequence length 64" in auto.route_reason
+    # per-sample gradients [B, *p.shape] for every trainable parameter
+    assert len(spy.shapes) == sum(1 for _ in CausalLMModule(**TINY).parameters())
+    assert all(gs[1:] == shape and gs[0] == spy.shapes[0][0][0] for gs, shape in spy.shapes)
+    hooks, _, _ = _fit("hooks", seq_len=64)
+    assert auto.history == hooks.history and auto.epsilon == pytest.approx(hooks.epsilon)
