@@ -350,7 +350,8 @@ def _run_ray(args: argparse.Namespace, sources: list[str]) -> int:
         from antimemo.dedup.ray_engine import INDEX_FILE, build_index_ray
 
         index = build_index_ray(sources, out_dir, **kwargs)
-    except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError, TypeError, ImportError) as err:
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, ValueError, TypeError, ImportError,
+            ConnectionError) as err:
         if _debug():
             raise
         return _usage_error(str(err))

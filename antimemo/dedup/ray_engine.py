@@ -139,8 +139,14 @@ def _bucket_reduce_task(part: int, group_starts: np.ndarray, *chunks: tuple) -> 
     # bucket ids unique across partitions: the partition in the high bits
     bucket = (np.int64(part) << np.int64(40)) + gid[keep].astype(np.int64)
     mdoc = doc[keep]
+    # route: a hash of the bucket's member set, so that the buckets of several bands holding the
+    # same documents are verified by one task, which then skips them as already connected
+    mixed = (doc.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    mixed ^= mixed >> np.uint64(29)
+    route_of_group = np.add.reduceat(mixed, np.flatnonzero(new)) if n else mixed
+    route = route_of_group[gid[keep]].view(np.int64)
     groups = len(group_starts)
-    split = split_rows((mdoc, bucket), np.searchsorted(group_starts, mdoc, side="right") - 1, groups)
+    split = split_rows((mdoc, bucket, route), np.searchsorted(group_starts, mdoc, side="right") - 1, groups)
     stats = np.array([int((sizes >= 2).sum())], dtype=np.int64)
     return (*split, stats)
 
@@ -149,6 +155,7 @@ def _candidate_sets_task(pieces_json: str, kind: str, ngram: int, parts: int, *c
     pieces = json.loads(pieces_json)
     mdoc = np.concatenate([c[0] for c in chunks])
     mbucket = np.concatenate([c[1] for c in chunks])
+    mroute = np.concatenate([c[2] for c in chunks])
     needed = np.unique(mdoc)
     sets: list[np.ndarray] = []
     for piece in pieces:
@@ -156,14 +163,15 @@ def _candidate_sets_task(pieces_json: str, kind: str, ngram: int, parts: int, *c
         sel = needed[(needed >= lo) & (needed < hi)]
         if sel.shape[0] == 0:
             continue
-        items = read_piece(piece)
-        sets.extend(shingle_sets_chunk(kind, [items[int(i) - lo] for i in sel], int(sel[0]), ngram))
+        items = read_piece(piece, rows=(sel - lo).tolist())  # only the candidates' lines are parsed
+        sets.extend(shingle_sets_chunk(kind, items, int(sel[0]), ngram))
     lens = np.array([s.shape[0] for s in sets], dtype=np.int64)
     out = []
-    for bucket, doc in split_rows((mbucket, mdoc), hash_partition(mbucket, parts), parts):
-        idx = np.searchsorted(needed, doc)
+    for bucket, doc in split_rows((mbucket, mdoc), hash_partition(mroute, parts), parts):
+        udocs = np.unique(doc)  # each document's set once per partition, whatever its buckets
+        idx = np.searchsorted(needed, udocs)
         values = np.concatenate([sets[i] for i in idx.tolist()]) if idx.shape[0] else np.zeros(0, dtype=np.uint64)
-        out.append((bucket, doc, lens[idx], values))
+        out.append((bucket, doc, udocs, lens[idx], values))
     return (*out, np.array([needed.shape[0]], dtype=np.int64))
 
 
@@ -174,29 +182,36 @@ def _jaccard(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _verify_task(threshold: float, *chunks: tuple) -> tuple:
+    """The local engine's verification loop over the buckets of one partition (one union-find for
+    the partition: a pair already connected through another bucket is not compared again)."""
     bucket = np.concatenate([c[0] for c in chunks])
     doc = np.concatenate([c[1] for c in chunks])
-    lens = np.concatenate([c[2] for c in chunks])
-    values = np.concatenate([c[3] for c in chunks])
-    offs = np.zeros(lens.shape[0] + 1, dtype=np.int64)
-    np.cumsum(lens, out=offs[1:])
+    sets: dict[int, np.ndarray] = {}
+    for _, _, udocs, lens, values in chunks:
+        offs = np.concatenate(([0], np.cumsum(lens)))
+        for i, d in enumerate(udocs.tolist()):
+            sets[d] = values[offs[i] : offs[i + 1]]
     order = np.lexsort((doc, bucket))
     bucket_s = bucket[order]
-    starts = np.concatenate(([0], np.flatnonzero(bucket_s[1:] != bucket_s[:-1]) + 1)) if order.shape[0] else np.zeros(0, np.int64)
-    ends = np.concatenate((starts[1:], [order.shape[0]])) if order.shape[0] else starts
-    edges: list[tuple[int, int]] = []
+    m = order.shape[0]
+    starts = np.concatenate(([0], np.flatnonzero(bucket_s[1:] != bucket_s[:-1]) + 1)) if m else np.zeros(0, np.int64)
+    ends = np.concatenate((starts[1:], [m])) if m else starts
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        root = x
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while x != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
     verified = merged = 0
     for s, e in zip(starts.tolist(), ends.tolist()):
-        rows = order[s:e].tolist()
-        members = [int(doc[r]) for r in rows]
-        sets = {m: values[offs[r] : offs[r + 1]] for m, r in zip(members, rows)}
-        parent: dict[int, int] = {}
-
-        def find(x: int) -> int:
-            while parent.get(x, x) != x:
-                x = parent[x]
-            return x
-
+        members = doc[order[s:e]].tolist()
+        roots = [find(u) for u in members]
+        if all(r == roots[0] for r in roots):
+            continue
         for x, u in enumerate(members):  # the local engine's loop over one bucket
             su = sets[u]
             for v in members[x + 1 :]:
@@ -211,9 +226,10 @@ def _verify_task(threshold: float, *chunks: tuple) -> tuple:
                 if _jaccard(su, sv) >= threshold:
                     parent[max(ru, rv)] = min(ru, rv)
                     merged += 1
-            if len({find(m) for m in members}) == 1:
+            if len({find(w) for w in members}) == 1:
                 break
-        edges.extend((m, find(m)) for m in members if find(m) != m)
+    nodes = list(parent)
+    edges = [(u, find(u)) for u in nodes if find(u) != u]
     arr = np.array(edges, dtype=np.int64).reshape(-1, 2)
     return arr, np.array([verified, merged], dtype=np.int64)
 
@@ -360,6 +376,7 @@ def build_index_ray(
         ImportError: Ray is not installed (``pip install 'antimemo[ray]'``).
         FileNotFoundError: an input matches no file.
         FileExistsError: ``out_dir`` exists and is not a finished output of this build.
+        ConnectionError: no Ray cluster answers at ``address``.
         ValueError / TypeError: a bad argument or a bad line in an input (naming file and line).
     """
     from antimemo._extras import require
@@ -398,7 +415,15 @@ def build_index_ray(
                           object_store_memory=object_store_memory)
         else:
             kwargs["address"] = address
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            if address is None:
+                raise
+            raise ConnectionError(
+                f"could not join the Ray cluster at address={address!r}: {err}; start it with `ray start --head` "
+                "on the head node, or check the address (auto, HOST:6379, ray://HOST:10001)"
+            ) from None
         started = True
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:12]}"

@@ -231,15 +231,16 @@ def _scan_parquet(path: Path, field: str | None) -> dict:
     return {"rows": sum(p["rows"] for p in pieces), "kind": kind, "field": field, "pieces": pieces}
 
 
-def read_piece(piece: dict) -> list:
+def read_piece(piece: dict, rows: list[int] | None = None) -> list:
     """The documents of one piece (texts, or token id lists), in order.
 
     Args:
         piece: a piece from :func:`scan_file` (it may carry a ``doc`` key: the corpus index of its
             first document, used in error messages).
+        rows: only these rows of the piece (ascending positions; only their lines are parsed).
 
     Returns:
-        A list of ``piece["rows"]`` documents.
+        A list of ``piece["rows"]`` documents, or of ``len(rows)``.
 
     Raises:
         ValueError: a line that is not UTF-8 or JSON, lacks the field, or a file changed since it
@@ -256,7 +257,8 @@ def read_piece(piece: dict) -> list:
     if fmt == "parquet":
         pq = _parquet()
         col = pq.ParquetFile(path).read_row_group(piece["row_group"], columns=[piece["field"]]).column(piece["field"])
-        values = col.to_pylist()
+        n_read = len(col)
+        values = col.to_pylist() if rows is None else col.take(rows).to_pylist()
     else:
         with open(path, "rb") as f:
             f.seek(piece["start"])
@@ -264,14 +266,16 @@ def read_piece(piece: dict) -> list:
         lines = raw.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
+        n_read = len(lines)
         first_line = int(piece.get("line", 0)) + 1
+        picked = enumerate(lines) if rows is None else ((i, lines[i]) for i in rows if i < n_read)
         if fmt == "jsonl":
-            values = [_json_value(b, path, first_line + i, piece["field"]) for i, b in enumerate(lines)]
+            values = [_json_value(b, path, first_line + i, piece["field"]) for i, b in picked]
         else:
-            values = [_decode_line(b, path, first_line + i) for i, b in enumerate(lines)]
-    if len(values) != piece["rows"]:
+            values = [_decode_line(b, path, first_line + i) for i, b in picked]
+    if n_read != piece["rows"]:
         raise ValueError(
             f"{str(path)!r} changed while it was being indexed: expected {piece['rows']} documents in a piece, "
-            f"read {len(values)}; rerun on a corpus that is not being written"
+            f"read {n_read}; rerun on a corpus that is not being written"
         )
     return values
