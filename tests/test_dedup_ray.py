@@ -294,6 +294,20 @@ def test_inputs_errors(tmp_path):
         build_index_ray(str(tmp_path / "a.txt"), tmp_path / "o", threshold=1.5)
 
 
+def test_read_piece_rows_subset(tmp_path):
+    from antimemo.dedup.shards import read_piece
+
+    files = _write_shards(tmp_path, DOCS[:400])
+    for f in files:
+        for piece in scan_file(f, None, 37)["pieces"]:
+            full = read_piece(piece)
+            assert len(full) == piece["rows"]
+            rows = list(range(0, piece["rows"], 3))
+            assert read_piece(piece, rows=rows) == [full[i] for i in rows]
+    pieces = [p for f in files for p in scan_file(f, None, 37)["pieces"]]
+    assert [t for p in pieces for t in read_piece(p)] == DOCS[:400]  # document order across shards
+
+
 def test_mixed_kinds_refused(ray_cluster, tmp_path):
     (tmp_path / "a.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
     (tmp_path / "b.txt").write_text("some text\n")
