@@ -898,14 +898,13 @@ class DifferentialPrivacy(pl.Callback):
         params = self._dp_optimizer.params
         if not params:
             raise RuntimeError("DifferentialPrivacy: the optimizer has no trainable parameters")
-        for p in params:
-            name = self._param_name(p)
+        for p in params:  # the parameter's name is looked up only for an error (a lookup walks every module)
             if ghost:
                 ns = getattr(p, "_norm_sample", None)
                 if ns is None or ns.shape[0] != b:
                     raise RuntimeError(
-                        f"DifferentialPrivacy: parameter {name} has no per-sample gradient norm for the {b} samples "
-                        f"of this batch (got {None if ns is None else tuple(ns.shape)}); the forward pass did not run "
+                        f"DifferentialPrivacy: parameter {self._param_name(p)} has no per-sample gradient norm for the "
+                        f"{b} samples of this batch (got {None if ns is None else tuple(ns.shape)}); the forward pass did not run "
                         "through the hooked modules"
                     )
                 continue
@@ -913,7 +912,7 @@ class DifferentialPrivacy(pl.Callback):
             if not isinstance(gs, Tensor) or gs.shape[0] != b or gs.shape[1:] != p.shape:
                 got = type(gs).__name__ if not isinstance(gs, Tensor) else tuple(gs.shape)
                 raise RuntimeError(
-                    f"DifferentialPrivacy: parameter {name} has no per-sample gradient of shape ({b}, "
+                    f"DifferentialPrivacy: parameter {self._param_name(p)} has no per-sample gradient of shape ({b}, "
                     f"{', '.join(map(str, p.shape))}) for this batch (got {got}). Either training_step returned no "
                     "loss, the forward pass bypassed the LightningModule's submodules, or a module broadcasts over "
                     "the batch (e.g. position ids of shape [1, S])"
