@@ -235,7 +235,7 @@ def stdlib_docstrings() -> list[str]:
 
 def _stage_profile(texts: list[str], cfg: ShingleConfig, repeats: int, chunk: int = 2048) -> dict:
     """Median microseconds per document of each stage of ``sketch_chunk`` (same chunks)."""
-    from antimemo.dedup.minhash import _text_elements
+    from antimemo.dedup.minhash import _text_content_hashes
 
     a, b = permutations(cfg.num_perm, cfg.seed)
     stages: dict[str, list[float]] = defaultdict(list)
@@ -246,7 +246,7 @@ def _stage_profile(texts: list[str], cfg: ShingleConfig, repeats: int, chunk: in
             t0 = time.perf_counter()
             lengths, el = text_element_hashes(part)
             t1 = time.perf_counter()
-            _text_elements(part, s)  # content hash + the two above + exact key
+            _text_content_hashes(part)
             t2 = time.perf_counter()
             sequence_keys(el, lengths)
             t3 = time.perf_counter()
@@ -257,7 +257,7 @@ def _stage_profile(texts: list[str], cfg: ShingleConfig, repeats: int, chunk: in
             band_keys(sig, cfg.bands, cfg.rows)
             t6 = time.perf_counter()
             acc["normalise + word hashes"] += t1 - t0
-            acc["content hash (BLAKE2b per text)"] += (t2 - t1) - (t1 - t0) - (t3 - t2)
+            acc["content hash (BLAKE2b per text)"] += t2 - t1
             acc["exact-duplicate key"] += t3 - t2
             acc["shingle hashes"] += t4 - t3
             acc["signatures (128 permutations)"] += t5 - t4
@@ -280,7 +280,7 @@ def throughput_by_length(cfg: ShingleConfig, perm, repeats: int) -> dict:
     out: dict = {"docstrings": len(docs)}
     for name, texts in subsets.items():
         shingles = [[s.encode("utf-8") for s in shingle_strings(t)] for t in texts]
-        ours_t, ds_t = [], []
+        ours_t, ds_t, ds_text_t = [], [], []
         for _ in range(repeats):  # alternate, so that load from other jobs hits both alike
             t0 = time.perf_counter()
             ours_sketch(texts, cfg)
@@ -289,6 +289,9 @@ def throughput_by_length(cfg: ShingleConfig, perm, repeats: int) -> dict:
             for sh in shingles:
                 MinHash(num_perm=cfg.num_perm, seed=cfg.seed, permutations=perm, scheme="affine32").update_batch(sh)
             ds_t.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            datasketch_minhash(texts, perm, cfg.num_perm, cfg.seed)
+            ds_text_t.append(time.perf_counter() - t0)
         n = len(texts)
         out[name] = {
             "documents": n,
@@ -298,6 +301,8 @@ def throughput_by_length(cfg: ShingleConfig, perm, repeats: int) -> dict:
             "datasketch_update_batch_only_docs_per_s": n / statistics.median(ds_t),
             "ratio": statistics.median(ds_t) / statistics.median(ours_t),
             "ratio_per_repeat": [d / o for d, o in zip(ds_t, ours_t)],
+            "datasketch_from_text_docs_per_s": n / statistics.median(ds_text_t),
+            "ratio_vs_datasketch_from_text": statistics.median(ds_text_t) / statistics.median(ours_t),
             "antimemo_us_per_doc_by_stage": _stage_profile(texts, cfg, repeats),
             "datasketch_us_per_doc": 1e6 * statistics.median(ds_t) / n,
         }
@@ -472,12 +477,14 @@ def _print(res: dict) -> None:
           f"{t['datasketch_update_batch_only']:.0f} | "
           f"{t['ratio_antimemo_from_text_vs_datasketch_update_batch_only']:.1f}x |")
     by_len = res["throughput_by_length_stdlib_docstrings"]
-    print("| stdlib docstrings | docs | words | antimemo text -> band keys docs/s | datasketch update_batch docs/s | ratio |")
-    print("|---|---|---|---|---|---|")
+    print("| stdlib docstrings | docs | words | antimemo text -> band keys docs/s | datasketch update_batch "
+          "docs/s | ratio | datasketch from text docs/s | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in ("short_50_300_words", "long_over_300_words"):
         r = by_len[name]
         print(f"| {name} | {r['documents']} | {r['mean_words']:.0f} | {r['antimemo_text_to_band_keys_docs_per_s']:.0f} | "
-              f"{r['datasketch_update_batch_only_docs_per_s']:.0f} | {r['ratio']:.1f}x |")
+              f"{r['datasketch_update_batch_only_docs_per_s']:.0f} | {r['ratio']:.1f}x | "
+              f"{r['datasketch_from_text_docs_per_s']:.0f} | {r['ratio_vs_datasketch_from_text']:.1f}x |")
     for name in ("short_50_300_words", "long_over_300_words"):
         stages = by_len[name]["antimemo_us_per_doc_by_stage"]
         print(f"{name}: antimemo us/doc by stage " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items())
