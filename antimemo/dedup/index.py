@@ -907,12 +907,15 @@ class DuplicateIndex:
         reps = np.flatnonzero((exact_root == np.arange(n)) & (num_shingles > 0))
         # band keys of the representatives only, one chunk at a time (never two full copies)
         keys = np.empty((reps.shape[0], cfg.bands), dtype=np.uint64)
-        lo = 0
-        for s, part in zip(np.cumsum([0] + [p.shape[0] for p in parts["bands"][:-1]]).tolist(), parts["bands"]):
+        band_parts = parts.pop("bands")
+        lo = s = 0
+        for c in range(len(band_parts)):
+            part, band_parts[c] = band_parts[c], None  # freed as soon as it is copied
             hi = int(np.searchsorted(reps, s + part.shape[0]))
             keys[lo:hi] = part[reps[lo:hi] - s]
-            lo = hi
-        del parts
+            lo, s = hi, s + part.shape[0]
+            del part
+        del band_parts
         members, bucket_offsets = lsh_bucket_arrays(keys, reps)
         del keys
         num_buckets = bucket_offsets.shape[0] - 1
@@ -930,20 +933,20 @@ class DuplicateIndex:
 
         # pass 2: shingle sets of the candidates only, kept flat (one uint64 array plus offsets)
         needed = np.unique(members)
-        set_parts: list[np.ndarray] = []
-        set_sizes = np.zeros(needed.shape[0], dtype=np.int64)
+        # a set has at most num_shingles elements: one buffer of that bound, filled in place
+        flat = np.empty(int(num_shingles[needed].sum()), dtype=np.uint64)
+        set_start = np.zeros(needed.shape[0] + 1, dtype=np.int64)
         nb = [(s, min(needed.shape[0], s + chunk_size)) for s in range(0, needed.shape[0], chunk_size)]
         jobs2 = ((kind, source.take(needed[s:e]), 0, cfg.ngram) for s, e in nb)
         with tqdm(total=needed.shape[0], desc="dedup: verifying candidates", unit="ex",
                   disable=not progress or not nb) as bar:
             for (s, e), res in zip(nb, _map_chunks(shingle_sets_chunk, jobs2, pool, num_workers)):
-                set_sizes[s:e] = [a.shape[0] for a in res]
-                set_parts.append(np.concatenate(res) if res else np.zeros(0, dtype=np.uint64))
+                pos = int(set_start[s])
+                for i, arr in enumerate(res):
+                    flat[pos : pos + arr.shape[0]] = arr
+                    pos += arr.shape[0]
+                    set_start[s + i + 1] = pos
                 bar.update(e - s)
-        flat = np.concatenate(set_parts) if set_parts else np.zeros(0, dtype=np.uint64)
-        del set_parts
-        set_start = np.zeros(needed.shape[0] + 1, dtype=np.int64)
-        np.cumsum(set_sizes, out=set_start[1:])
         local = np.searchsorted(needed, members)  # member -> position in needed
 
         uf = UnionFind()
