@@ -11,11 +11,13 @@ Reported per configuration: the median wall time and documents/s over the repeti
 median build time without Ray's start-up, and the peak memory of the child's whole process tree
 (the driver, Ray's GCS and raylet, the Ray workers) sampled every 0.2 s: the sum of the
 processes' PSS (proportional set size, so the shared object-store pages are counted once), and
-for reference the sum of their RSS. The Ray engine's per-stage seconds come from its
+for reference the sum of their RSS; and the CPU seconds (user + system) of the tree: on a machine
+shared with other jobs wall time cannot show scaling, while CPU seconds measure the work that
+``N`` idle cores would share. The Ray engine's per-stage seconds come from its
 ``manifest.json``. The cluster ids of all engines are asserted equal.
 
 Run: ``python benchmarks/dedup_ray_bench.py --docs 100000 --repeats 3 --json out.json``
-(about 5 minutes on 2 cores). Needs ``ray[data]``, ``pyarrow`` and ``psutil``.
+(about 10 minutes on 2 shared cores, of which 2 minutes write the corpus). Needs ``ray[data]``, ``pyarrow`` and ``psutil``.
 """
 
 from __future__ import annotations
@@ -101,7 +103,7 @@ def child(config: str, shards: list[str], out: Path) -> dict:
     from antimemo.dedup.ray_engine import build_index_ray
 
     workers = int(config[3:])
-    ray.init(num_cpus=workers, include_dashboard=False, object_store_memory=512 * 2**20,
+    ray.init(address="local", num_cpus=workers, include_dashboard=False, object_store_memory=512 * 2**20,
              logging_level=logging.WARNING)
     t1 = time.perf_counter()
     index = build_index_ray(shards, out, num_workers=workers, progress=False)
@@ -111,7 +113,8 @@ def child(config: str, shards: list[str], out: Path) -> dict:
     return {"wall": t2 - t0, "build": t2 - t1, "init": t1 - t0, "clusters": index.num_clusters, "stages": seconds}
 
 
-def _tree_memory(pid: int) -> tuple[int, int]:
+def _tree_memory(pid: int, cpu: dict[int, float]) -> tuple[int, int]:
+    """PSS and RSS sums of a process tree; records each process's CPU seconds (user + system) in ``cpu``."""
     import psutil
 
     try:
@@ -125,6 +128,8 @@ def _tree_memory(pid: int) -> tuple[int, int]:
             info = p.memory_full_info()
             pss += getattr(info, "pss", info.rss)
             rss += info.rss
+            t = p.cpu_times()
+            cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
     return pss, rss
@@ -134,11 +139,12 @@ def run_child(config: str, shards: list[str], out: Path) -> dict:
     cmd = [sys.executable, __file__, "--_child", config, "--_out", str(out), "--_shards", json.dumps(shards)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0, 0]
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            pss, rss = _tree_memory(proc.pid)
+            pss, rss = _tree_memory(proc.pid, cpu)
             peak[0], peak[1] = max(peak[0], pss), max(peak[1], rss)
             stop.wait(0.2)
 
@@ -152,6 +158,7 @@ def run_child(config: str, shards: list[str], out: Path) -> dict:
     res = json.loads(stdout.strip().splitlines()[-1])
     res["peak_pss_mb"] = peak[0] / 2**20
     res["peak_rss_mb"] = peak[1] / 2**20
+    res["cpu_s"] = sum(cpu.values())  # CPU seconds of the tree, as last sampled (every 0.2 s)
     return res
 
 
@@ -190,7 +197,7 @@ def main() -> None:
                 runs[c].append(res)
                 labels[c] = DuplicateIndex.load(out / "index.npz").cluster_ids
                 shutil.rmtree(out, ignore_errors=True)
-                print(f"rep {rep} {c}: wall {res['wall']:.2f} s (init {res['init']:.2f} s), "
+                print(f"rep {rep} {c}: wall {res['wall']:.2f} s (init {res['init']:.2f} s), cpu {res['cpu_s']:.1f} s, "
                       f"peak PSS {res['peak_pss_mb']:.0f} MB, RSS {res['peak_rss_mb']:.0f} MB", flush=True)
         for c in configs[1:]:
             assert np.array_equal(labels[c], labels["local"]), f"{c} clusters differ from the local engine's"
@@ -206,6 +213,7 @@ def main() -> None:
                 "docs_per_s_build": args.docs / build,
                 "peak_pss_mb": statistics.median(r["peak_pss_mb"] for r in runs[c]),
                 "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs[c]),
+                "cpu_s": statistics.median(r["cpu_s"] for r in runs[c]),
             }
             if "stages" in runs[c][0]:
                 summary[c]["stages_s"] = {k: statistics.median(r["stages"][k] for r in runs[c]) for k in runs[c][0]["stages"]}

@@ -70,7 +70,7 @@ DOCS = _corpus(1200)
 @pytest.fixture(scope="module")
 def ray_cluster():
     """A local Ray with 2 worker CPUs and a 300 MB object store, shut down after the module."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20, log_to_driver=True)
     yield
     ray.shutdown()
 
@@ -324,7 +324,8 @@ def test_cli_engine_ray_with_progress(built, tmp_path, capsys):
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     summary = json.loads(captured.out)
-    assert summary["engine"] == "ray" and summary["clusters"] == str(out / CLUSTERS_DIR)
+    assert summary["engine"] == "ray" and summary["clusters_dir"] == str(out / CLUSTERS_DIR)
+    assert summary["clusters"] == index.num_clusters
     assert summary["examples"] == len(DOCS) and summary["duplicate_fraction"] == index.duplicate_fraction
     np.testing.assert_array_equal(DuplicateIndex.load(out / INDEX_FILE).cluster_ids, index.cluster_ids)
     # the driver's tqdm bars follow the workers: every stage reaches its total

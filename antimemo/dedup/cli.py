@@ -358,7 +358,7 @@ def _run_ray(args: argparse.Namespace, sources: list[str]) -> int:
     summary = index.summary(args.top_k)
     written = out_dir / INDEX_FILE
     if args.json:
-        summary.update(index=str(written), clusters=str(out_dir / "clusters"), source=sources, engine="ray")
+        summary.update(index=str(written), clusters_dir=str(out_dir / "clusters"), source=sources, engine="ray")
         print(json.dumps(summary, indent=2))
         return 0
     print(f"source: {' '.join(sources)}")

@@ -410,8 +410,8 @@ def build_index_ray(
     started = False
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-        if address is None:
-            kwargs.update(num_cpus=num_workers or os.cpu_count() or 1, include_dashboard=False,
+        if address is None:  # "local": a new Ray of our own, even if `ray start` runs on this machine
+            kwargs.update(address="local", num_cpus=num_workers or os.cpu_count() or 1, include_dashboard=False,
                           object_store_memory=object_store_memory)
         else:
             kwargs["address"] = address
@@ -422,7 +422,8 @@ def build_index_ray(
                 raise
             raise ConnectionError(
                 f"could not join the Ray cluster at address={address!r}: {err}; start it with `ray start --head` "
-                "on the head node, or check the address (auto, HOST:6379, ray://HOST:10001)"
+                "on the head node, or check the address (auto, HOST:6379, ray://HOST:10001); a cluster with Ray's "
+                "token authentication needs RAY_AUTH_MODE=token here and its token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
             ) from None
         started = True
     out.parent.mkdir(parents=True, exist_ok=True)
