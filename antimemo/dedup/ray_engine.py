@@ -11,13 +11,15 @@
    exact copy to the smallest document of its group and sends the band keys of the
    representatives (non-empty, smallest of their group) to a partition of their (band, key);
 3. **buckets**: each reduce task groups its (band, key) rows; a bucket is a key shared by two or
-   more representatives; memberships go to the partition of the input piece holding the document;
-4. **candidate sets**: one task per group of pieces reads only its candidate documents again and
+   more representatives; memberships go to the group of input pieces holding the document, with
+   a hash of the bucket's member set (its route);
+4. **candidate sets**: one task per group of pieces parses only its candidate documents again and
    computes their shingle sets (:func:`~antimemo.dedup.minhash.shingle_sets_chunk`, the local
-   verifier's sets), sent to the partition of each bucket;
-5. **verify**: each reduce task compares the members of its buckets with the local engine's rule
-   (exact Jaccard of the shingle sets ``>= threshold``, pairs already connected skipped) and
-   emits ``(member, smallest connected member)`` edges;
+   verifier's sets), sent once per verify partition, chosen by the route (the buckets of several
+   bands that hold the same documents meet in one partition);
+5. **verify**: each reduce task runs the local engine's loop over its buckets (exact Jaccard of
+   the shingle sets ``>= threshold``; one union-find per partition, so pairs already connected
+   are skipped) and emits ``(member, smallest connected member)`` edges;
 6. **components**: large-star / small-star over the hash-partitioned edges
    (:mod:`antimemo.dedup.components`); the driver sees two counts per round, never the edges;
 7. **output**: the star edges are range-partitioned by document; one task per group of pieces
