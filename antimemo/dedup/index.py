@@ -250,6 +250,35 @@ def _jaccard(x: np.ndarray, y: np.ndarray) -> float:
     return inter / union if union else 1.0
 
 
+def sketch_params(kind: str, cfg: ShingleConfig, threshold: float, lsh_weights: tuple[float, float]) -> dict:
+    """The build parameters a MinHash index records in :attr:`DuplicateIndex.params` (any engine).
+
+    Args:
+        kind: ``"text"`` or ``"tokens"``.
+        cfg: the shingling and LSH parameters.
+        threshold: the Jaccard threshold.
+        lsh_weights: the ``(false_positive, false_negative)`` weights.
+
+    Returns:
+        A JSON-serialisable dict (engines add ``"stats"`` and their own keys).
+
+    Example:
+        >>> sketch_params("text", ShingleConfig(5, 128, 0, 16, 8), 0.8, (0.05, 0.95))["scheme"]
+        'affine32'
+    """
+    return {
+        "ngram": cfg.ngram,
+        "num_perm": cfg.num_perm,
+        "threshold": float(threshold),
+        "lsh_weights": [float(w) for w in lsh_weights],
+        "bands": cfg.bands,
+        "rows": cfg.rows,
+        "seed": cfg.seed,
+        "scheme": "affine32",
+        "normalization": "NFKC+casefold+whitespace" if kind == "text" else "none",
+    }
+
+
 def dataset_content_hashes(kind: str, items: Any, progress: bool = False) -> np.ndarray:
     """Per-example content hashes of a dataset, as :class:`DuplicateIndex` computes them.
 
@@ -981,15 +1010,7 @@ class DuplicateIndex:
             root[needed] = [uf.find(i) for i in needed.tolist()]
         labels = root[exact_root]
         params = {
-            "ngram": cfg.ngram,
-            "num_perm": cfg.num_perm,
-            "threshold": float(threshold),
-            "lsh_weights": [float(w) for w in lsh_weights],
-            "bands": cfg.bands,
-            "rows": cfg.rows,
-            "seed": cfg.seed,
-            "scheme": "affine32",
-            "normalization": "NFKC+casefold+whitespace" if kind == "text" else "none",
+            **sketch_params(kind, cfg, threshold, lsh_weights),
             "stats": {
                 "exact_duplicate_examples": int(n - num_groups),
                 "empty_examples": int((num_shingles == 0).sum()),
