@@ -25,7 +25,9 @@ sequences of 64 bytes, 10 epochs per generation) this script measures two things
    reports how many of that generation's synthetic samples escaped the filter (z <= 4), how many
    escaped samples the training set holds in all, and the real held-out loss, distinct-2,
    distinct-4 and bigram tail coverage (``generations.csv``), as the median over seeds with the
-   range.
+   range. It also samples ``--detect-n`` rows per seed from each weak generation's model *without*
+   the watermark and scores them (:func:`radioactivity`): a model trained on escaped samples may
+   have learned to write green tokens by itself.
 
 Run (CPU, about 15 minutes on a shared 2-core machine with the defaults)::
 
@@ -136,7 +138,8 @@ def detection(reference: Path, seeds: Sequence[int], deltas: Sequence[float], n:
         "n_per_seed": n, "seeds": list(seeds), "heldout_rows": int(held.shape[0]), "corpus_rows": int(corpus.shape[0]),
         "corpus_z99": emp,
         "fpr": {name: {"z>2.33": rate_above(z, Z_1PCT), "z>4": rate_above(z, 4.0), "count_z>4": int((z > 4).sum())}
-                for name, z in (("heldout", z_held), ("corpus", z_corpus))},
+                for name, z in (("heldout", z_held), ("corpus", z_corpus),
+                                ("corpus_ignore_repeated", detect_watermark(corpus, g, key, w, ignore_repeated=True)[0]))},
         "deltas": [],
     }
     models = [load_checkpoint_model(final_checkpoint(reference / "runs" / "gen0" / f"seed{s}"), recipe).model for s in seeds]
@@ -176,6 +179,34 @@ def escapes(run_root: Path, mix: str, seed: int, generations: int, settings: Map
         total += escaped
         rows.append({"generation": gen, "samples": int(samples.shape[0]), "escaped": escaped, "escaped_in_train": total})
     return rows
+
+
+def radioactivity(run_root: Path, mix: str, seeds: Sequence[int], generations: int, n: int,
+                  settings: Mapping[str, Any], recipe: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per generation: the mean z-score and the fraction above the filter's threshold of ``n`` rows
+    sampled WITHOUT the watermark from that generation's model (a model that learned the green lists
+    from escaped samples writes green tokens on its own), ``spread`` over seeds."""
+    train = torch.from_numpy(np.load(run_root / "data" / "real_train.npy", allow_pickle=False))
+    prompts = train[torch.arange(n) % train.shape[0], : settings["prompt_length"]]
+    out = []
+    for gen in range(generations):
+        zs, flagged = [], []
+        for s in seeds:
+            model = load_checkpoint_model(final_checkpoint(_run_dir(run_root, mix, s, gen)), recipe).model
+            rows = sample_synthetic(model, prompts, train.shape[1], None, seed=700_001 + s, temperature=settings["temperature"])
+            z = detect_watermark(rows, gamma=settings["gamma"], key=settings["key"], context_width=settings["context_width"])[0]
+            zs.append(float(z.mean()))
+            flagged.append(rate_above(z, settings["z_threshold"]))
+        out.append({"generation": gen, "mean_z": spread(zs), "flagged": spread(flagged)})
+        print(f"{run_root.name} gen {gen}: unwatermarked samples' mean z {_fmt(out[-1]['mean_z'])}, "
+              f"flagged {_fmt(out[-1]['flagged'])}", flush=True)
+    return out
+
+
+def _run_dir(run_root: Path, mix: str, seed: int, generation: int) -> Path:
+    if generation == 0:
+        return run_root / "runs" / "gen0" / f"seed{seed}"
+    return run_root / "runs" / mix / f"seed{seed}" / f"gen{generation}"
 
 
 def read_generations(csv_path: Path) -> list[dict[str, Any]]:
@@ -275,6 +306,8 @@ def main() -> None:
         _recursive(config, weak, args.generations, "filter", args.seeds, args.threads)
         esc = {s: escapes(weak, "filter", s, args.generations, {**settings, "delta": delta}) for s in seeds}
         lines += table(f"filter, delta {delta:g}", read_generations(weak / "generations.csv"), "filter", esc, args.generations)
+        result.setdefault("radioactivity", {})[f"filter, delta {delta:g}"] = radioactivity(
+            weak, "filter", seeds, args.generations, args.detect_n, settings, recipe)
     result["loop"] = lines
     result["seconds"] = time.perf_counter() - t0
 

@@ -193,3 +193,34 @@ def test_table_takes_median_over_seeds_and_shares_generation_zero(weak, tmp_path
     assert out[1]["escaped"]["median"] == 3 and out[1]["escaped"]["max"] == 5 and out[1]["samples"] == 8
     assert "escaped" not in out[0]
     assert weak.table("replace", rows, "replace", None, 2)[1]["val_loss"]["median"] == 9.0
+
+
+def test_radioactivity_samples_each_generation_without_the_watermark(weak, tmp_path):
+    from antimemo.collapse.synth import sample_synthetic, save_tokens
+    from antimemo.lm.module import CausalLMModule
+
+    arch = dict(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, max_position_embeddings=32)
+    recipe = {"model": {"class_path": "antimemo.lm.CausalLMModule", "init_args": arch}}
+    settings = {**SETTINGS, "prompt_length": 4, "temperature": 1.0}
+    root = tmp_path / "weak"
+    save_tokens(root / "data" / "real_train.npy", torch.randint(0, 256, (5, 24), generator=torch.Generator().manual_seed(3)))
+    models = {}
+    for seed in (0, 1):
+        for gen in (0, 1):
+            module = CausalLMModule(**arch, seed=10 * seed + gen)
+            run = root / "runs" / "gen0" / f"seed{seed}" if gen == 0 else root / "runs" / "filter" / f"seed{seed}" / f"gen{gen}"
+            run.mkdir(parents=True)
+            torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, run / "last.ckpt")
+            models[seed, gen] = module.model.eval()
+    out = weak.radioactivity(root, "filter", [0, 1], 2, 6, settings, recipe)
+    assert [r["generation"] for r in out] == [0, 1]
+    train = torch.from_numpy(np.load(root / "data" / "real_train.npy"))
+    prompts = train[torch.arange(6) % 5, :4]
+    for gen in (0, 1):  # the figures are those of each generation's own checkpoint, sampled with no bias
+        expect = []
+        for seed in (0, 1):
+            rows = sample_synthetic(models[seed, gen], prompts, 24, None, seed=700_001 + seed)
+            expect.append(float(detect_watermark(rows, gamma=0.25, key=SETTINGS["key"])[0].mean()))
+        assert out[gen]["mean_z"]["values"] == pytest.approx(expect)
+        assert 0.0 <= out[gen]["flagged"]["min"] <= out[gen]["flagged"]["max"] <= 1.0
+    assert out[0]["mean_z"]["values"] != out[1]["mean_z"]["values"]
