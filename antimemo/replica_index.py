@@ -489,8 +489,9 @@ class ShardedReplicaIndex:
             seed: seeds the training sample and FAISS' k-means.
             engine: ``"local"`` (shards built one after another in this process) or ``"ray"``
                 (one Ray task per shard; ``pip install 'antimemo[ray]'``). Both write the same files.
-            address: Ray cluster address (``"auto"``, ``"ray://host:10001"``); ``None`` uses the
-                running Ray session or starts a local one. Only with ``engine="ray"``.
+            address: Ray cluster address (``"auto"``, ``"HOST:6379"``, ``"ray://HOST:10001"``); ``None``
+                uses this process's Ray session if ``ray.init`` was already called, else starts a
+                private local one (shut down afterwards). Only with ``engine="ray"``.
             chunk_size: rows a worker reads and adds at a time (bounds its memory).
             progress: show a tqdm bar of rows added (Ray workers report to the driver).
 
@@ -543,6 +544,9 @@ class ShardedReplicaIndex:
                 ivf.cp.seed = seed
                 if getattr(ivf, "pq", None) is not None:
                     ivf.pq.cp.seed = seed
+                    # the factory turns on polysemous training (code reordering for Hamming filtering),
+                    # which replica search does not use and which costs minutes on a small CPU
+                    ivf.do_polysemous_training = False
             used_train = train_size
             sample = _sample(src, train_size, seed, chunk_size)
             t0 = time.perf_counter()
@@ -759,7 +763,16 @@ def _run_ray(jobs: list, trained: bytes, chunk_size: int, bar: Any, address: str
     ray = require("ray", "ShardedReplicaIndex.build(engine='ray')")
     started = False
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        try:
+            # address=None starts a private local Ray instance ("local"), never one another job left running
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            if address is None:
+                raise
+            raise ConnectionError(
+                f"could not join the Ray cluster at address={address!r}: {err}; start it with `ray start --head` on the "
+                "head node, or check the address (auto, HOST:6379, ray://HOST:10001)"
+            ) from err
         started = True
     try:
         task = _ray_shard_task(ray)

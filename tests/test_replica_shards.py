@@ -90,7 +90,8 @@ def test_shards_share_one_trained_quantizer(ivfpq_local):
 
 
 def test_ray_engine_with_two_workers_writes_the_same_index(rows, queries, ivfpq_local, tmp_path):
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    # address="local": a private 2-worker instance, even if another job runs a Ray cluster on this machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
     try:
         remote = ShardedReplicaIndex.build(
             rows, tmp_path, num_shards=2, index="IVF32,PQ8x6", train_size=4000, seed=3, engine="ray", progress=False
