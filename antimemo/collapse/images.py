@@ -189,3 +189,26 @@ def data_section(recipe: Mapping[str, Any], train_file: Path, val_file: Path) ->
     return {"class_path": "antimemo.collapse.image_files.ImageFileDataModule", "init_args": {
         "train": str(train_file), "val": str(val_file), "batch_size": args.get("batch_size", 32),
     }}
+
+
+def sample_grid(paths: Sequence[Path], per_row: int = 10, pad: int = 1) -> np.ndarray | None:
+    """One grey picture: row ``k`` holds the first ``per_row`` images of ``paths[k]`` (missing files skipped).
+
+    Example:
+        >>> import tempfile
+        >>> p = Path(tempfile.mkdtemp()) / "g.npy"
+        >>> _ = save_images(p, np.ones((3, 1, 2, 2), np.float32), np.arange(3))
+        >>> sample_grid([p, p.with_name("none.npy")], per_row=2).shape
+        (4, 7)
+    """
+    rows = [load_images(p)[0][:per_row] for p in paths if Path(p).is_file()]
+    if not rows:
+        return None
+    n = max(r.shape[0] for r in rows)
+    h, w = rows[0].shape[2:]
+    grid = np.ones((len(rows) * (h + pad) + pad, n * (w + pad) + pad), dtype=np.float32)
+    for i, images in enumerate(rows):
+        for j, image in enumerate(images):
+            top, left = pad + i * (h + pad), pad + j * (w + pad)
+            grid[top : top + h, left : left + w] = image.mean(axis=0)
+    return grid

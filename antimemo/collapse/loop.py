@@ -411,7 +411,17 @@ def write_outputs(plan: CollapsePlan, rows: list[dict[str, Any]]) -> dict[str, P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(plotted), figsize=(4 * len(plotted), 3.4), squeeze=False)
+    grids = _sample_grids(plan) if plan.modality == "images" else []
+    fig = plt.figure(figsize=(4 * len(plotted), 3.4 + (2.2 if grids else 0)))
+    spec = fig.add_gridspec(2 if grids else 1, 1, height_ratios=[3.4, 2.2] if grids else None)
+    axes = [spec[0].subgridspec(1, len(plotted)).subplots(squeeze=False)[0]]
+    if grids:
+        for ax, (title, labels, grid) in zip(spec[1].subgridspec(1, len(grids)).subplots(squeeze=False)[0], grids):
+            ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            step = grid.shape[0] / len(labels)
+            ax.set_yticks([step * (i + 0.5) for i in range(len(labels))], labels)
+            ax.set_xticks([])
+            ax.set_title(title)
     for ax, key in zip(axes[0], plotted):
         for mix in plan.mixes:
             xs, ys = [], []
@@ -431,6 +441,19 @@ def write_outputs(plan: CollapsePlan, rows: list[dict[str, Any]]) -> dict[str, P
     plt.close(fig)
     paths["plot"] = atomic_write_bytes(out / "collapse.png", png.getvalue())
     return paths
+
+
+def _sample_grids(plan: CollapsePlan) -> list[tuple[str, list[str], Any]]:
+    """Per mix (first seed): the first 10 synthetic images drawn from each generation's model."""
+    from antimemo.collapse.images import sample_grid
+
+    seed, grids = plan.seeds[0], []
+    for mix in plan.mixes:
+        gens = [g for g in range(1, plan.generations) if plan.synthetic_path(mix, seed, g).is_file()]
+        grid = sample_grid([plan.synthetic_path(mix, seed, g) for g in gens])
+        if grid is not None:
+            grids.append((f"{mix}: samples of each generation's model (seed {seed})", [f"gen {g - 1}" for g in gens], grid))
+    return grids
 
 
 def run_recursive(plan: CollapsePlan, threads: int | None = None, progress: bool = True) -> tuple[list[dict[str, Any]], list[str]]:
