@@ -29,9 +29,11 @@ sequences of 64 bytes, 10 epochs per generation) this script measures two things
    the watermark and scores them (:func:`radioactivity`): a model trained on escaped samples may
    have learned to write green tokens by itself.
 
-Run (CPU, about 15 minutes on a shared 2-core machine with the defaults)::
+Run (CPU, one torch thread per fit; 3 seeds and two weak deltas took 39 minutes on a 2-core machine
+loaded by other jobs, load average 10-20)::
 
-    python benchmarks/watermark_weak.py --out runs/watermark_weak --json runs/watermark_weak/result.json
+    python benchmarks/watermark_weak.py --out runs/watermark_weak --seeds 3 --weak-deltas 1.0 1.5 \\
+        --json runs/watermark_weak/result.json
 
 Rerunning the same command resumes: finished fits are not trained again. The figures are in
 docs/collapse.md, "When the watermark is weak", and docs/benchmarks.md.
@@ -264,10 +266,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/watermark_weak"))
     parser.add_argument("--generations", type=int, default=4, help="including generation 0 (real data)")
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--detect-deltas", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0])
     parser.add_argument("--detect-n", type=int, default=256, help="sampled rows per delta and seed")
-    parser.add_argument("--weak-deltas", type=float, nargs="*", default=[2.0],
+    parser.add_argument("--weak-deltas", type=float, nargs="*", default=[1.0, 1.5],
                         help="deltas of the weak filter loops (none: only the reference and detection)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each fit and of sampling")
     parser.add_argument("--json", type=Path, default=None)
