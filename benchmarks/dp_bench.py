@@ -177,8 +177,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     rss_before = _rss_mb()
     trainer.fit(model, data)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KB on Linux
-    for cb in trainer.callbacks:
-        chosen = getattr(cb, "route", None) or chosen
+    if spec["route"] == "auto":
+        chosen = next(cb.route for cb in trainer.callbacks if hasattr(cb, "route"))
     times = timer.times[spec["warmup"]:]
     return {
         "median_step_s": statistics.median(times),

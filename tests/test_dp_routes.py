@@ -90,14 +90,17 @@ def test_unknown_mode_names_the_valid_ones():
 
 
 def test_bit_checksum_sees_every_single_change():
-    w = torch.randn(1000, generator=torch.Generator().manual_seed(0))
-    base = _bit_checksum(w)
-    for change in (lambda t: t.neg_(), lambda t: t.copy_(torch.nextafter(t, torch.tensor(float("inf"))))):
-        for i in (0, 17, 999):
-            v = w.clone()
-            change(v[i : i + 1])
-            assert _bit_checksum(v) != base
-    assert _bit_checksum(w.clone()) == base
+    g = torch.Generator().manual_seed(0)
+    # 64-bit words (contiguous, even), element width (odd length), and a non-contiguous view
+    for w in (torch.randn(1000, generator=g), torch.randn(1001, generator=g), torch.randn(40, 25, generator=g).t()):
+        base = _bit_checksum(w)
+        flat = w.reshape(-1).numel()
+        for change in (lambda t: t.neg_(), lambda t: t.copy_(torch.nextafter(t, torch.tensor(float("inf"))))):
+            for i in (0, 17, flat - 1):
+                v = w.clone()
+                change(v.view(-1)[i : i + 1] if v.is_contiguous() else v[i % v.shape[0], i // v.shape[0]].view(1))
+                assert _bit_checksum(v) != base
+        assert _bit_checksum(w.clone()) == base
     assert _bit_checksum(w.to(torch.bfloat16)).dtype == torch.int64
 
 
