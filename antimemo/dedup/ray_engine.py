@@ -456,7 +456,7 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
     import ray.data
     from tqdm.auto import tqdm
 
-    from antimemo.dedup.index import DuplicateIndex
+    from antimemo.dedup.index import DuplicateIndex, sketch_params
 
     seconds: dict[str, float] = {}
     clock = [time.perf_counter()]
@@ -590,15 +590,7 @@ def _run(ray: Any, files: list[Path], field: str | None, cfg: ShingleConfig, thr
     e_stats = np.sum(exact_stats, axis=0)
     v_stats = np.sum(verify_stats, axis=0)
     params = {
-        "ngram": cfg.ngram,
-        "num_perm": cfg.num_perm,
-        "threshold": float(threshold),
-        "lsh_weights": [float(w) for w in lsh_weights],
-        "bands": cfg.bands,
-        "rows": cfg.rows,
-        "seed": cfg.seed,
-        "scheme": "affine32",
-        "normalization": "NFKC+casefold+whitespace" if kind == "text" else "none",
+        **sketch_params(kind, cfg, threshold, lsh_weights),
         "engine": "ray",
         "partitions": parts,
         "stats": {
