@@ -88,6 +88,7 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     if args.mode == "generate":
         n = sum(1 for _ in synthetic_texts(args.docs, args.dup_fraction, args.seed))
+        assert n == args.docs, f"the generator yielded {n} documents, expected {args.docs}"
         idx = None
     elif args.mode == "stream":
         idx = DuplicateIndex.from_texts(synthetic_texts(args.docs, args.dup_fraction, args.seed), progress=False,
