@@ -27,16 +27,20 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module")
-def loop(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recursive")
+def run_tiny(root: Path, generations: int, mix: str) -> tuple[Path, Path, list[str]]:
+    """Run the TINY recipe under ``root`` (asserting exit 0); returns ``(config, out, argv)``."""
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     out = root / "out"
-    argv = ["recursive", "--config", str(config), "--generations", "2", "--mix", "replace,filter", "--out", str(out),
+    argv = ["recursive", "--config", str(config), "--generations", str(generations), "--mix", mix, "--out", str(out),
             "--no_progress", "--threads", "1"]
     assert main(argv) == 0
     return config, out, argv
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    return run_tiny(tmp_path_factory.mktemp("recursive"), 2, "replace,filter")
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -112,12 +116,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys, flag, value, named
 
 
 def test_accumulate_trains_on_real_plus_every_earlier_synthetic_set(tmp_path):
-    config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(TINY))
-    out = tmp_path / "out"
-    argv = ["recursive", "--config", str(config), "--generations", "3", "--mix", "accumulate", "--out", str(out),
-            "--no_progress", "--threads", "1"]
-    assert main(argv) == 0
+    _, out, _ = run_tiny(tmp_path, 3, "accumulate")
     real = np.load(out / "data" / "real_train.npy", allow_pickle=False)
     seed_dir = out / "runs" / "accumulate" / "seed0"
     synthetic = [np.load(seed_dir / "synthetic" / f"gen{g}.npy", allow_pickle=False) for g in (1, 2)]
