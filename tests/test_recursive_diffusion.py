@@ -169,3 +169,19 @@ def test_image_files_are_checked(tmp_path):
     np.save(tmp_path / "v_labels.npy", np.array([object()] * 2, dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="cannot be read without pickle"):
         ImageFileDataModule(str(tmp_path / "x.npy"), str(tmp_path / "v.npy"))
+
+
+def test_shipped_recipe_plans_an_image_loop_that_measures_the_final_model(tmp_path):
+    from antimemo.collapse.cli import _parser, build_plan
+    from antimemo.collapse.loop import generation_config
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "diffusion_collapse.yaml")
+    plan = build_plan(_parser().parse_args(["--config", recipe, "--generations", "3", "--mix", "replace,accumulate",
+                                            "--out", str(tmp_path / "out")]))
+    assert plan.modality == "images" and plan.settings["samples"] is None
+    cfg = generation_config(plan, "replace", 1, 2, tmp_path / "train.npy")
+    assert cfg["data"]["class_path"] == "antimemo.collapse.image_files.ImageFileDataModule"
+    assert cfg["seed_everything"] == cfg["model"]["init_args"]["seed"] == cfg["replica_monitor"]["seed"] == 1
+    assert cfg["replica_monitor"]["every_n_epochs"] == cfg["trainer"]["max_epochs"]  # the final model is measured
+    assert cfg["replica_monitor"]["fid_real"] == "val" and "recursive" not in cfg
+    assert cfg["trainer"]["default_root_dir"] == str(tmp_path / "out" / "runs" / "replace" / "seed1" / "gen2")
