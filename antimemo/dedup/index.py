@@ -182,11 +182,12 @@ class _StreamSource:
     def take(self, idx: np.ndarray) -> list:
         ends = np.concatenate(self._ends) if len(self._ends) != 1 else self._ends[0]
         self._ends = [ends]
-        fd = self._file.fileno()
+        f = self._file
         out = []
         for i in idx.tolist():
             start = int(ends[i - 1]) if i else 0
-            data = os.pread(fd, int(ends[i]) - start, start)
+            f.seek(start)
+            data = f.read(int(ends[i]) - start)
             if self.kind == "text":
                 out.append(data.decode("utf-8", "surrogatepass"))
             else:
