@@ -8,7 +8,7 @@ the same loop as an LM recipe, with images in place of token rows:
   images ``[N, C, H, W]`` in ``[0, 1]``) with ``*_labels.npy`` beside them (class labels);
 - generation ``g >= 1`` samples ``samples`` images from generation ``g - 1``'s final checkpoint
   (DDPM ancestral sampling with the model's ``num_inference_steps``; image ``i`` has label
-  ``i % num_classes`` and its own generator, so the draw does not depend on batching);
+  ``i % num_classes`` and its own generator, so the draw does not depend on batching beyond float rounding);
 - each fit reads its images with :class:`~antimemo.collapse.image_files.ImageFileDataModule`,
   validates on the REAL held-out images, and the recipe's ``replica_monitor:`` (required, with an
   ``fid_feature``) logs FID against them, the Vendi score and the replica rate per generation.
@@ -159,7 +159,7 @@ def export_real_images(recipe: Mapping[str, Any], train_path: Path, val_path: Pa
     return counts[0], counts[1]
 
 
-def sample_images(module: Any, num: int, seed: int, batch_size: int = 64) -> tuple[Any, Any]:
+def sample_images(module: Any, num: int, seed: int, batch_size: int = 64, progress: bool = True) -> tuple[Any, Any]:
     """``num`` images from a DiffusionModule, image ``i`` from ``Generator().manual_seed(seed + i)``.
 
     Returns:
@@ -174,7 +174,7 @@ def sample_images(module: Any, num: int, seed: int, batch_size: int = 64) -> tup
     classes = getattr(module, "num_classes", None)
     labels = torch.arange(num) % classes if classes else None
     parts = []
-    for s in tqdm(range(0, num, batch_size), desc="sampling images", unit="batch", leave=False):
+    for s in tqdm(range(0, num, batch_size), desc="sampling images", unit="batch", leave=False, disable=not progress):
         e = min(num, s + batch_size)
         parts.append(module.sample(e - s, generator=gens[s:e], labels=None if labels is None else labels[s:e],
                                    batch_size=batch_size).cpu())

@@ -248,7 +248,7 @@ def _copy_shared_draw(plan: CollapsePlan, mix: str, seed: int, path: Path) -> bo
     return False
 
 
-def _sample(plan: CollapsePlan, mix: str, seed: int, generation: int, path: Path) -> None:
+def _sample(plan: CollapsePlan, mix: str, seed: int, generation: int, path: Path, progress: bool = True) -> None:
     """Draw generation ``generation``'s synthetic data from generation ``generation - 1``'s final checkpoint."""
     import numpy as np
     import torch
@@ -264,7 +264,7 @@ def _sample(plan: CollapsePlan, mix: str, seed: int, generation: int, path: Path
         from antimemo.collapse.images import sample_images, save_images
 
         m = s["samples"] or int(np.load(plan.real_train, mmap_mode="r", allow_pickle=False).shape[0])
-        images, labels = sample_images(module, m, seed=draw_seed * 1_000_003)
+        images, labels = sample_images(module, m, seed=draw_seed * 1_000_003, progress=progress)
         save_images(path, images, labels)
         return
     real = torch.from_numpy(np.load(plan.real_train, allow_pickle=False))
@@ -297,14 +297,14 @@ def _write_train_file(plan: CollapsePlan, parts: list[Path], train_file: Path) -
     return [a.shape[0] for a in tokens]
 
 
-def _prepare_generation(plan: CollapsePlan, mix: str, seed: int, generation: int) -> dict[str, Any]:
+def _prepare_generation(plan: CollapsePlan, mix: str, seed: int, generation: int, progress: bool = True) -> dict[str, Any]:
     """Sample generation ``g``'s synthetic data (if not on disk), write its training file and config."""
     run_dir = plan.run_dir(mix, seed, generation)
     run_dir.mkdir(parents=True, exist_ok=True)
     if generation >= 1:
         synth = plan.synthetic_path(mix, seed, generation)
         if not synth.is_file():
-            _sample(plan, mix, seed, generation, synth)
+            _sample(plan, mix, seed, generation, synth, progress)
     parts = plan.training_parts(mix, seed, generation)
     train_file = plan.train_file(mix, seed, generation)
     counts = _write_train_file(plan, parts, train_file)
@@ -496,7 +496,7 @@ def run_recursive(plan: CollapsePlan, threads: int | None = None, progress: bool
                     continue  # generation 0 is shared by every mix
                 run = Run(f"{'gen0' if gen == 0 else mix}/gen{gen}", {"mix": mix, "generation": str(gen)}, seed, run_dir)
                 if not is_finished(run):
-                    info = _prepare_generation(plan, mix, seed, gen)
+                    info = _prepare_generation(plan, mix, seed, gen, progress)
                     run.args = ["--config", str(info["config_file"]), "--trainer.enable_progress_bar=false",
                                 f"--report_path={run_dir / PARTIAL_REPORT}"]
                 runs[run_dir] = run
