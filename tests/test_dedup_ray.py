@@ -362,6 +362,27 @@ def test_cli_local_engine_takes_one_source_and_ray_needs_a_directory(tmp_path, c
     assert rc == 2 and "--out is a directory" in capsys.readouterr().err
 
 
+def test_cli_unreachable_address_fails_fast(tmp_path, capsys):
+    import socket
+
+    (tmp_path / "a.txt").write_text("x y z\n")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    was_running = ray.is_initialized()
+    if was_running:  # the engine joins only when this process has no Ray yet
+        ray.shutdown()
+    try:
+        rc = dedup_cli.main([str(tmp_path / "a.txt"), "--engine", "ray", "--address", f"127.0.0.1:{port}",
+                             "--out", str(tmp_path / "o")])
+    finally:
+        if was_running:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=300 * 2**20)
+    err = capsys.readouterr().err
+    assert rc == 2 and f"could not join the Ray cluster at address='127.0.0.1:{port}': nothing answers" in err
+    assert "ray start --head" in err and not (tmp_path / "o").exists()
+
+
 def test_cli_without_ray_names_the_extra(tmp_path, capsys, monkeypatch):
     (tmp_path / "a.txt").write_text("x y z\n")
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now fails as if it were not installed

@@ -303,6 +303,27 @@ def _check_args(ngram: int, num_perm: int, threshold: Any, seed: int, chunk_size
         raise ValueError(f"threshold must be a Jaccard similarity in (0, 1), got {threshold!r}; e.g. threshold=0.8")
 
 
+_JOIN_FIX = ("start it with `ray start --head` on the head node, or check the address (auto, HOST:6379, "
+             "ray://HOST:10001)")
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``HOST:PORT`` address nothing listens on (``ray.init`` would retry for minutes)."""
+    import re
+    import socket
+
+    found = re.fullmatch(r"(?:ray://)?([\w.\-]+|\[[0-9a-fA-F:]+\]):(\d+)", address.strip())
+    if found is None:  # "auto" or another form: Ray resolves it
+        return
+    host, port = found.group(1).strip("[]"), int(found.group(2))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(
+            f"could not join the Ray cluster at address={address!r}: nothing answers at {host}:{port} ({err}); {_JOIN_FIX}"
+        ) from None
+
+
 def _finished(out: Path, build: dict) -> bool:
     """True if ``out`` is a finished output of this build; raise if ``out`` holds anything else."""
     if not out.exists():
@@ -417,14 +438,14 @@ def build_index_ray(
                           object_store_memory=object_store_memory)
         else:
             kwargs["address"] = address
+            _check_reachable(address)
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
             if address is None:
                 raise
             raise ConnectionError(
-                f"could not join the Ray cluster at address={address!r}: {err}; start it with `ray start --head` "
-                "on the head node, or check the address (auto, HOST:6379, ray://HOST:10001); a cluster with Ray's "
+                f"could not join the Ray cluster at address={address!r}: {err}; {_JOIN_FIX}; a cluster with Ray's "
                 "token authentication needs RAY_AUTH_MODE=token here and its token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
             ) from None
         started = True
