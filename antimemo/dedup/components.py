@@ -90,6 +90,13 @@ def _groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, sizes
 
 
+def _by_node(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Unique rows ``(u, v)`` sorted by ``u`` then ``v``, with the start and size of each ``u``'s run."""
+    pairs = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
+    u, v = pairs[:, 0], pairs[:, 1]
+    return (u, v, *_groups(u))
+
+
 def large_star(pairs: np.ndarray) -> tuple[np.ndarray, int]:
     """Large-star step on the directed pairs ``(u, v)`` held by ``u``'s partition.
 
@@ -105,11 +112,9 @@ def large_star(pairs: np.ndarray) -> tuple[np.ndarray, int]:
         >>> sorted(map(tuple, e.tolist())), c
         ([(1, 0), (2, 0), (3, 0)], 2)
     """
-    pairs = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
-    if pairs.shape[0] == 0:
+    u, v, starts, sizes = _by_node(pairs)
+    if u.shape[0] == 0:
         return _EMPTY, 0
-    u, v = pairs[:, 0], pairs[:, 1]
-    starts, sizes = _groups(u)
     m = np.minimum(np.minimum.reduceat(v, starts), u[starts])
     m_row = np.repeat(m, sizes)
     up = v > u
@@ -133,11 +138,9 @@ def small_star(pairs: np.ndarray) -> tuple[np.ndarray, int]:
         >>> sorted(map(tuple, e.tolist())), c
         ([(2, 1), (4, 3), (5, 1)], 1)
     """
-    pairs = np.unique(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), axis=0)
-    if pairs.shape[0] == 0:
+    u, v, starts, sizes = _by_node(pairs)
+    if u.shape[0] == 0:
         return _EMPTY, 0
-    u, v = pairs[:, 0], pairs[:, 1]
-    starts, sizes = _groups(u)
     m = v[starts]  # rows are sorted by (u, v): the first neighbour is the smallest
     m_row = np.repeat(m, sizes)
     other = v != m_row
