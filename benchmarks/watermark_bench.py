@@ -35,7 +35,8 @@ Reported per delta: the median over seeds of the held-out loss and of the paired
 (watermarked - unwatermarked, same seed) with its range; :func:`quality_summary`.
 
 Run: ``python benchmarks/watermark_bench.py`` (CPU, one torch thread: about 2.5 minutes on a
-busy shared 2-core machine; ``--quality`` adds about 1.2 minutes per student: 4 x 3 = 12 by default). ``--json PATH`` writes the
+busy shared 2-core machine; ``--quality`` trains 4 x 3 = 12 students by default: under a load
+average of 10-20 a student took about 3.5 minutes and the whole ``--quality`` run 58 minutes). ``--json PATH`` writes the
 figures. The results are in docs/collapse.md, "Watermark".
 """
 
