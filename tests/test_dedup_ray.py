@@ -308,6 +308,13 @@ def test_read_piece_rows_subset(tmp_path):
     assert [t for p in pieces for t in read_piece(p)] == DOCS[:400]  # document order across shards
 
 
+def test_address_refused_when_ray_already_runs(ray_cluster, tmp_path):
+    (tmp_path / "a.txt").write_text("x y z\n")
+    with pytest.raises(ValueError, match="Ray is already running in this process"):
+        build_index_ray(str(tmp_path / "a.txt"), tmp_path / "out", address="auto", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_mixed_kinds_refused(ray_cluster, tmp_path):
     (tmp_path / "a.jsonl").write_text('{"input_ids": [1, 2, 3]}\n')
     (tmp_path / "b.txt").write_text("some text\n")

@@ -384,8 +384,8 @@ def build_index_ray(
         seed: seed of the permutations.
         chunk_size: documents per input piece (one Ray Data row, one sketch call).
         address: a Ray cluster to join (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``);
-            ``None`` starts a local Ray with ``num_workers`` CPUs (if Ray is not already running
-            in this process, in which case that Ray is used).
+            ``None`` starts a local Ray with ``num_workers`` CPUs, unless Ray already runs in this
+            process (``ray.init`` called before): then that Ray is used, and ``address`` must be ``None``.
         num_workers: parallel tasks: the hash partitions of every shuffle and the CPUs of a local
             Ray (``None``: every CPU of the cluster, or ``os.cpu_count()`` locally).
         object_store_memory: bytes of Ray's object store when a local Ray is started (beyond it,
@@ -431,6 +431,11 @@ def build_index_ray(
             print(f"dedup[ray]: {str(out)!r} is already built from these inputs and parameters; nothing to do")
         return DuplicateIndex.load(out / INDEX_FILE)
     started = False
+    if ray.is_initialized() and address is not None:
+        raise ValueError(
+            f"address={address!r} but Ray is already running in this process (ray.init was called): the build uses "
+            "that Ray; pass address=None, or call ray.shutdown() first to join another cluster"
+        )
     if not ray.is_initialized():
         kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if address is None:  # "local": a new Ray of our own, even if `ray start` runs on this machine
