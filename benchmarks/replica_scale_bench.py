@@ -190,7 +190,7 @@ def part2(args: argparse.Namespace) -> dict:
     src = ClusteredRows(n, args.dim, args.clusters, seed=args.seed)
     fresh, rep = queries_for(n, args.dim, args.clusters, args.seed, args.queries)
     nlist = args.scale_nlist
-    factory = f"IVF{nlist},PQ{args.dim // 4}"
+    factory = f"IVF{nlist},PQ{args.scale_pq or args.dim // 4}"
     out: dict = {"rows": n, "factory": factory, "engine": args.scale_engine, "shards": args.shards, "train_size": 64 * nlist}
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp, RssSampler() as rss:
         if args.scale_engine == "ray":
@@ -239,6 +239,7 @@ def main() -> None:
     ap.add_argument("--scale-rows", type=int, default=10_000_000)
     ap.add_argument("--scale-nlist", type=int, default=1024)
     ap.add_argument("--scale-engine", choices=["local", "ray"], default="ray")
+    ap.add_argument("--scale-pq", type=int, default=0, help="PQ bytes per vector of the 10M index (0: dim / 4)")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--clusters", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=500)
