@@ -81,6 +81,15 @@ def test_auto_picks_hooks_for_gpt2_conv1d_and_unknown_lengths():
     assert sequence_length({"x": 1}) is None
 
 
+def test_auto_picks_hooks_for_lora_adapters():
+    import peft
+
+    lora = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    # only the adapters' Linear(64, 4) and Linear(4, 64) train: the crossover is about the rank
+    assert ghost_crossover(lora) == pytest.approx(2 * 64 * 4 / (2 * 68))
+    assert choose_route(lora, 16, None).route == "hooks"
+
+
 def test_unknown_mode_names_the_valid_ones():
     with pytest.raises(ValueError, match=r"grad_sample_mode must be one of \('hooks', 'functorch', 'ghost', 'auto'\), got 'ew'"):
         DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="ew")
