@@ -56,7 +56,6 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -398,15 +397,6 @@ def _ray_progress(ray: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------- the index
-
-
-@dataclass
-class _Shard:
-    file: str
-    rows: int
-    offset: int
-    sha256: str
-    trained: str
 
 
 class ShardedReplicaIndex:
