@@ -179,6 +179,12 @@ def test_shipped_recipe_plans_an_image_loop_that_measures_the_final_model(tmp_pa
     plan = build_plan(_parser().parse_args(["--config", recipe, "--generations", "3", "--mix", "replace,accumulate",
                                             "--out", str(tmp_path / "out")]))
     assert plan.modality == "images" and plan.settings["samples"] is None
+    # without --mix an image recipe runs replace and accumulate (an LM recipe: all three)
+    default = build_plan(_parser().parse_args(["--config", recipe, "--generations", "2", "--out", str(tmp_path / "o")]))
+    assert default.mixes == ["replace", "accumulate"]
+    lm = str(Path(recipe).with_name("lm_collapse.yaml"))
+    assert build_plan(_parser().parse_args(["--config", lm, "--generations", "2", "--out", str(tmp_path / "o")])).mixes == [
+        "replace", "accumulate", "filter"]
     cfg = generation_config(plan, "replace", 1, 2, tmp_path / "train.npy")
     assert cfg["data"]["class_path"] == "antimemo.collapse.image_files.ImageFileDataModule"
     assert cfg["seed_everything"] == cfg["model"]["init_args"]["seed"] == cfg["replica_monitor"]["seed"] == 1

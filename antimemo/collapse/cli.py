@@ -29,8 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="antimemo recursive", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="the recipe (e.g. recipes/lm_collapse.yaml)")
     p.add_argument("--generations", type=int, required=True, help="generations including generation 0 (real data), >= 1")
-    p.add_argument("--mix", default="replace,accumulate,filter",
-                   help=f"comma-separated policies from {', '.join(MIXES)} (default: all three)")
+    p.add_argument("--mix", default=None,
+                   help=f"comma-separated policies from {', '.join(MIXES)} (default: all three; replace,accumulate "
+                        "for a diffusion recipe, which has no watermark to filter)")
     p.add_argument("--out", required=True, help="output directory (rerunning resumes it)")
     p.add_argument("--seeds", type=int, default=1, help="seeds 0..N-1 per mix (default 1)")
     p.add_argument("--samples", type=int, default=None,
@@ -53,7 +54,7 @@ def build_plan(args: argparse.Namespace) -> CollapsePlan:
                          "(generation 0 on real data, then 4 recursive generations)")
     if args.seeds < 1:
         raise ValueError(f"--seeds must be an integer >= 1, got {args.seeds}; e.g. --seeds 2")
-    mixes = parse_mixes(args.mix)
+    mixes = parse_mixes(args.mix) if args.mix is not None else list(MIXES)
     recipe = load_recipe(args.config)
     section = recipe.get("recursive") or {}
     if not isinstance(section, dict):
@@ -72,6 +73,8 @@ def build_plan(args: argparse.Namespace) -> CollapsePlan:
 
     modality = "images" if is_image_recipe(recipe) else "tokens"
     if modality == "images":
+        if args.mix is None:
+            mixes = ["replace", "accumulate"]
         check_image_recipe(recipe, str(args.config), mixes, sorted(given))
     checks = (
         ("samples", settings["samples"] is None or (isinstance(settings["samples"], int) and settings["samples"] >= 1), "an integer >= 1, e.g. 128"),
