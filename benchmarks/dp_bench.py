@@ -37,7 +37,9 @@ seq 64, batch 16, routes hooks and ghost) and prints where the step time goes: p
 by layer type, clipping (per-sample norms and the clipped sum), noise, the optimizer update, the
 Poisson loader, the callback's checks (the parameter fingerprint), forward and backward.
 
-Run: ``python benchmarks/dp_bench.py`` (the whole table; about 30 minutes on 2 CPU cores),
+Run: ``python benchmarks/dp_bench.py`` (the whole table: 3 sizes x 2 lengths x 2 batches x 4 routes x 2
+repeats, each in its own process; long on 2 CPU cores, and never run in one go here: docs/benchmarks.md
+lists the cells that were run),
 ``python benchmarks/dp_bench.py --sizes 7M --seq-lens 64 --batch-sizes 16``,
 ``python benchmarks/dp_bench.py --profile``. ``--json PATH`` writes the figures; ``--device cuda``.
 """
@@ -71,7 +73,7 @@ SIZES: dict[str, dict[str, int]] = {
     "30M": {"hidden_size": 512, "num_layers": 7, "num_heads": 8, "intermediate_size": 2048},
 }
 ROUTES = ("plain", "hooks", "functorch", "ghost", "ew", "auto")
-# timed steps per run by size (halved for seq 256 and for batch 64, at least 2): the whole table fits ~30 min of CPU
+# timed steps per run by size (halved for seq 256 and for batch 64, at least 2), to keep the large cells short
 DEFAULT_STEPS = {"0.6M": 10, "7M": 6, "30M": 4}
 PER_SAMPLE_ROUTES = ("hooks", "functorch", "auto")  # materialise batch x parameters per-sample gradients
 
