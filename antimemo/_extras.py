@@ -17,6 +17,7 @@ EXTRAS: dict[str, str] = {
     "sklearn": "diffusion",
     "PIL": "diffusion",
     "faiss": "dedup",
+    "numba": "dedup",
     "opacus": "dp",
     "datasketch": "bench",
     "pydivsufsort": "extraction",
