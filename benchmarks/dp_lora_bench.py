@@ -18,7 +18,12 @@ gives the median over repeats and the ratio to ``lora`` (or ``full``), and each 
 (``ru_maxrss``) and its rise during the fit. ``--profile`` also prints a torch-profiler table of
 ``dp_lora`` steps.
 
+``--paired ROUNDS`` times instead, in ONE process per size, ROUNDS rounds of short fits of every
+configuration in turn and reports the median of the per-round ratios: on a shared machine, fits
+seconds apart see nearly the same load, separate processes minutes apart do not.
+
     python benchmarks/dp_lora_bench.py [--sizes 0.6M,7M] [--repeats 3] [--steps 10] [--json out.json]
+    python benchmarks/dp_lora_bench.py --paired 7 --steps 6 --warmup 2     # step-time ratios only
 """
 
 from __future__ import annotations
@@ -57,12 +62,11 @@ def _config(size: str, batch_size: int, seq_len: int) -> dict[str, Any]:
     return {"model": model, "data": data}
 
 
-def child(spec: dict[str, Any]) -> dict[str, Any]:
-    """One configuration in this fresh process: step times, batch sizes, memory."""
+def _timed_fit(name: str, cfg: dict[str, Any], steps: int, warmup: int, model: Any = None, profile: bool = False) -> dict[str, Any]:
+    """One Lightning fit of ``steps + warmup`` steps of configuration ``name``; the step times after warm-up."""
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     import lightning.pytorch as pl
-    import torch
     import transformers
 
     from antimemo.callbacks.dp import DifferentialPrivacy
@@ -84,12 +88,12 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: D102
             self.times.append(time.perf_counter() - self.t0)
 
-    name, cfg = spec["name"], spec["config"]
-    model_args = dict(cfg["model"])
-    if name in FULL:
-        model_args["lora"] = None
-    pl.seed_everything(0, verbose=False)
-    model = LoRACausalLMModule(**model_args)
+    if model is None:
+        model_args = dict(cfg["model"])
+        if name in FULL:
+            model_args["lora"] = None
+        pl.seed_everything(0, verbose=False)
+        model = LoRACausalLMModule(**model_args)
     data = OffsetTextDataModule(**cfg["data"])
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
@@ -97,33 +101,59 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         mode = "ghost" if name.endswith("ghost") else "hooks"
         callbacks.insert(0, DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode))
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=spec["steps"] + spec["warmup"], limit_val_batches=0, num_sanity_val_steps=0,
+        accelerator="cpu", max_steps=steps + warmup, limit_val_batches=0, num_sanity_val_steps=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks,
     )  # fmt: skip
-    with open("/proc/self/statm") as f:
-        rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    profile = None
-    if spec.get("profile"):
+    table = None
+    if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.fit(model, data)
-        profile = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     else:
         trainer.fit(model, data)
+    return {"model": model, "times": timer.times[warmup:], "sizes": timer.sizes[warmup:], "profile": table}
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """One configuration in this fresh process: step times, batch sizes, memory."""
+    with open("/proc/self/statm") as f:
+        rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    run = _timed_fit(spec["name"], spec["config"], spec["steps"], spec["warmup"], profile=spec.get("profile", False))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    times = timer.times[spec["warmup"] :]
+    model = run["model"]
     return {
-        "median_step_s": statistics.median(times),
-        "mean_batch": statistics.fmean(timer.sizes[spec["warmup"] :]),
-        "steps": len(times),
+        "median_step_s": statistics.median(run["times"]),
+        "mean_batch": statistics.fmean(run["sizes"]),
+        "steps": len(run["times"]),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "params": sum(p.numel() for p in model.parameters()),
         "peak_rss_mb": peak,
         "fit_peak_rise_mb": peak - rss_before,
-        "profile": profile,
+        "profile": run["profile"],
     }
+
+
+def paired(spec: dict[str, Any]) -> dict[str, Any]:
+    """``rounds`` rounds in ONE process; each round fits every configuration for a few steps, in turn.
+
+    Consecutive short fits see nearly the same machine load, so the per-round ratio to ``lora`` is
+    much less noisy on a shared machine than ratios between separate processes minutes apart.
+    """
+    models: dict[str, Any] = {}
+    rounds: list[dict[str, float]] = []
+    sizes: dict[str, list[int]] = {}
+    for _ in range(spec["rounds"]):
+        medians = {}
+        for name in spec["names"]:
+            run = _timed_fit(name, spec["config"], spec["steps"], spec["warmup"], model=models.get(name))
+            models[name] = run["model"]
+            medians[name] = statistics.median(run["times"])
+            sizes.setdefault(name, []).extend(run["sizes"])
+        rounds.append(medians)
+    return {"rounds": rounds, "mean_batch": {n: statistics.fmean(v) for n, v in sizes.items()}}
 
 
 def _run_child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -147,16 +177,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--with-full", action="store_true", help="also time full fine-tuning, plain and DP")
     parser.add_argument("--profile", action="store_true", help="print a torch-profiler table of dp_lora and lora")
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                        help="instead: ROUNDS rounds of short fits of every config in one process (per-round ratios)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(json.loads(args.child))))
+        spec = json.loads(args.child)
+        print(json.dumps(paired(spec) if "rounds" in spec else child(spec)))
         return 0
     sizes = [s.strip() for s in args.sizes.split(",")]
     bad = [s for s in sizes if s not in SIZES]
     if bad:
         parser.error(f"--sizes: unknown {bad}; choose from {', '.join(SIZES)}")
     names = [*CONFIGS, *(FULL if args.with_full else ())]
+    if args.paired:
+        return _main_paired(args, sizes, names)
     load_before = os.getloadavg()
     results: dict[str, dict[str, list[dict[str, Any]]]] = {s: {n: [] for n in names} for s in sizes}
     for size in sizes:
@@ -199,6 +234,33 @@ def main(argv: list[str] | None = None) -> int:
           f"warm-up, {args.repeats} interleaved repeats; {machine}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "machine": machine, "results": summary}, indent=2))
+    return 0
+
+
+def _main_paired(args: argparse.Namespace, sizes: list[str], names: list[str]) -> int:
+    load_before = os.getloadavg()
+    rows = ["| size | config | step (ms, median over rounds) | ratio to lora (median of per-round ratios) | per-round ratios | mean batch |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    out: dict[str, Any] = {}
+    for size in sizes:
+        spec = {"names": names, "config": _config(size, args.batch_size, args.seq_len), "steps": args.steps,
+                "warmup": args.warmup, "rounds": args.paired}  # fmt: skip
+        r = _run_child({**spec, "name": f"paired {size}"})
+        out[size] = r
+        for name in names:
+            base = "full" if name in FULL else "lora"
+            ratios = [rd[name] / rd[base] for rd in r["rounds"]]
+            step = statistics.median(rd[name] for rd in r["rounds"])
+            rows.append(f"| {size} | {name} | {step * 1000:.1f} | {statistics.median(ratios):.2f}x | "
+                        f"{', '.join(f'{x:.2f}' for x in ratios)} | {r['mean_batch'][name]:.1f} |")  # fmt: skip
+            print(rows[-1], flush=True)
+    load_after = os.getloadavg()
+    print("\n" + "\n".join(rows) + f"\n\nbatch {args.batch_size}, seq {args.seq_len}, {args.paired} rounds of "
+          f"{args.steps} timed steps after {args.warmup} warm-up per config, one process per size; load average "
+          f"before {load_before[0]:.2f}, after {load_after[0]:.2f}; {os.cpu_count()} CPUs, torch threads "
+          f"{os.environ.get('OMP_NUM_THREADS', 'default')}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "paired": out}, indent=2))
     return 0
 
 

@@ -345,3 +345,15 @@ def test_without_peft_lora_is_one_error_naming_the_extra_and_full_fine_tuning_st
     with pytest.raises(ImportError, match=r"^LoRA fine-tuning \(lora=...\) needs peft, which is not installed: pip install 'antimemo\[lora\]'$"):
         _module()
     assert all(p.requires_grad for p in _module(lora=None).parameters())
+
+
+def test_auto_route_picks_hooks_for_adapters_where_it_picks_ghost_for_the_full_model():
+    from antimemo.dp.routes import choose_route
+
+    sizes = {"hidden_size": 384, "num_layers": 4, "num_heads": 6, "intermediate_size": 1536, "max_position_embeddings": 64}
+    adapters = LoRACausalLMModule(lora={"r": 8}, **sizes)
+    full = LoRACausalLMModule(lora=None, **sizes)
+    # the adapters' crossover is tiny (d_in * r / (d_in + r) ~ r): ghost's second backward through the frozen
+    # model buys nothing (measured: ghost 1.92x, hooks 1.10x a LoRA step, docs/benchmarks.md "DP with LoRA")
+    assert choose_route(adapters, 64, None).route == "hooks"
+    assert choose_route(full, 64, None).route == "ghost"
