@@ -357,3 +357,22 @@ def test_auto_route_picks_hooks_for_adapters_where_it_picks_ghost_for_the_full_m
     # model buys nothing (measured: ghost 1.92x, hooks 1.10x a LoRA step, docs/benchmarks.md "DP with LoRA")
     assert choose_route(adapters, 64, None).route == "hooks"
     assert choose_route(full, 64, None).route == "ghost"
+
+
+def test_the_recipe_parses_and_names_the_lora_module_and_the_offset_split():
+    import subprocess
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "antimemo.cli", "fit", "--config", "recipes/lm_dp_lora.yaml", "--print_config"],
+        capture_output=True, text=True, cwd=root, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = yaml.safe_load(proc.stdout)
+    assert cfg["model"]["class_path"] == "antimemo.lm.lora.LoRACausalLMModule"
+    assert cfg["model"]["init_args"]["lora"]["r"] == 8
+    assert cfg["data"]["class_path"] == "antimemo.lm.splits.OffsetTextDataModule"
+    assert cfg["data"]["init_args"]["train_offset"] == 1024 and cfg["dp"]["init_args"]["noise_multiplier"] == 1.0
