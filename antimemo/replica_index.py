@@ -251,17 +251,19 @@ def _source(vectors_source: Any) -> Any:
 
 
 def default_factory(num_rows: int, dim: int) -> str:
-    """``"IVF{nlist},PQ{m}"``: ``nlist = 4 sqrt(N)`` cells (at most ``N / 39``), ``m`` = the largest divisor of ``dim`` <= ``dim / 4``.
+    """``"IVF{nlist},PQ{m}"``: ``nlist = 4 sqrt(N)`` cells (at most ``N / 39``), ``m`` = the largest divisor of ``dim`` <= ``dim / 2``.
 
-    Four dimensions per 8-bit sub-quantizer: ``m`` bytes of code per vector (plus the 8-byte id
-    an IVF list stores), e.g. 16 + 8 = 24 bytes for a 64-d float vector of 256 bytes.
+    Two dimensions per 8-bit sub-quantizer: ``m`` bytes of code per vector (plus the 8-byte id
+    an IVF list stores), e.g. 32 + 8 = 40 bytes for a 64-d float vector of 256 bytes. Measured in
+    docs/benchmarks.md ("Replica search at scale"): at 10M clustered 64-d rows, 32-byte codes
+    found every replica, 16-byte codes (``dim / 4``) only 82% of them.
 
     Example:
         >>> default_factory(10_000_000, 64)
-        'IVF12649,PQ16'
+        'IVF12649,PQ32'
     """
     nlist = max(1, min(int(4 * math.sqrt(num_rows)), num_rows // 39))
-    m = max(q for q in range(1, max(1, dim // 4) + 1) if dim % q == 0)
+    m = max(q for q in range(1, max(1, dim // 2) + 1) if dim % q == 0)
     return f"IVF{nlist},PQ{m}"
 
 
@@ -269,11 +271,11 @@ def _check_factory(index: Any, dim: int) -> str:
     if not isinstance(index, str) or not _FACTORY.match(index):
         raise ValueError(
             f"index must be a FAISS factory string 'Flat', 'IVF{{nlist}},Flat', 'IVF{{nlist}},PQ{{m}}[x{{nbits}}]' or "
-            f"'IVF{{nlist}},SQ8', got {index!r}; e.g. index='IVF4096,PQ16' (default_factory(N, D) picks one)"
+            f"'IVF{{nlist}},SQ8', got {index!r}; e.g. index='IVF4096,PQ32' (default_factory(N, D) picks one)"
         )
     pq = re.search(r"PQ([0-9]+)", index)
     if pq and dim % int(pq.group(1)):
-        raise ValueError(f"index={index!r}: PQ{pq.group(1)} needs the dimension {dim} to be a multiple of {pq.group(1)}; e.g. PQ{max(1, dim // 4)}")
+        raise ValueError(f"index={index!r}: PQ{pq.group(1)} needs the dimension {dim} to be a multiple of {pq.group(1)}; e.g. PQ{max(1, dim // 2)}")
     return index
 
 
@@ -407,7 +409,7 @@ class ShardedReplicaIndex:
     Attributes:
         metric: ``"ip"`` or ``"l2"``.
         dim: embedding dimension.
-        factory: the FAISS factory string (``"Flat"``, ``"IVF4096,PQ16"``, ...).
+        factory: the FAISS factory string (``"Flat"``, ``"IVF4096,PQ32"``, ...).
         shards: the loaded FAISS indexes, in id order.
         offsets: the global id of each shard's first row.
         manifest: the manifest dictionary (as written to ``manifest.json``).

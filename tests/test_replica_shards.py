@@ -145,8 +145,10 @@ def test_npy_and_generator_like_sources_match_the_array(rows, tmp_path):
 
 
 def test_default_factory():
-    assert default_factory(10_000_000, 64) == "IVF12649,PQ16"
-    assert default_factory(1000, 12) == "IVF25,PQ3"
+    assert default_factory(10_000_000, 64) == "IVF12649,PQ32"
+    assert default_factory(1000, 12) == "IVF25,PQ6"
+    assert default_factory(1000, 14) == "IVF25,PQ7"
+    assert default_factory(100, 3) == "IVF2,PQ1"
 
 
 # ----------------------------------------------------------------------------------------- errors
