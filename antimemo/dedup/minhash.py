@@ -20,11 +20,16 @@ Pipeline for one chunk of documents:
 
 Given the same 32-bit input hashes, :func:`signatures` equals datasketch's ``MinHash.hashvalues``
 bit for bit (``benchmarks/dedup_bench.py`` checks it).
+
+When numba is installed (``pip install 'antimemo[dedup]'``), the word hashing and the signatures
+run as fused compiled loops (:mod:`antimemo.dedup._kernels`) with bit-identical outputs; without
+it the numpy code below runs (same outputs, slower), and one INFO log line says so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import unicodedata
 from dataclasses import dataclass
 
@@ -53,6 +58,25 @@ _SHORT_SALT = _U64(0xD6E8FEB86659FD93)  # distinguishes whole-sequence shingles 
 _TOKEN_SALT = _U64(0x2545F4914F6CDD1D)
 _BLOCK = 8192  # shingles per block of the permutation step
 _ROWS = 32  # permutations per pass over a block: 32 x 8192 x 4 B = 1 MiB (fastest measured, 2 MiB L2)
+
+logger = logging.getLogger(__name__)
+#: The compiled kernels module; ``None`` until first use, ``False`` when numba is unavailable (the
+#: numpy code runs then; tests set it to ``False`` to compare both paths).
+_KERNELS = None
+
+
+def _compiled():
+    """:mod:`antimemo.dedup._kernels`, imported on first use, or ``None`` without numba (logged once)."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from antimemo.dedup import _kernels
+
+            _KERNELS = _kernels
+        except ImportError as err:
+            _KERNELS = False
+            logger.info("%s; running the numpy MinHash code instead (same outputs, slower)", err)
+    return _KERNELS or None
 
 
 @dataclass(frozen=True)
@@ -232,6 +256,15 @@ def _word_hashes_bytes(raw: bytes, separators: np.ndarray, doc_sep: int) -> tupl
     # data[0] and data[m + 1:] are padding: words never start or end there, and every 8-byte read
     # starting inside the text stays inside the buffer (read-only view of one bytes object)
     data = np.frombuffer(b"\x00" + raw + b"\x00" * 8, dtype=np.uint8)
+    kernels = _compiled()
+    if kernels is not None:
+        n_docs = raw.count(bytes([doc_sep])) + 1
+        lengths, h, long_idx, long_starts, long_ends = kernels.word_hashes_kernel(
+            data, m, separators, doc_sep, n_docs, _LONG_WORD
+        )
+        for w, s, e in zip(long_idx.tolist(), long_starts.tolist(), long_ends.tolist()):
+            h[w] = content_hash(raw[s - 1 : e - 1]) ^ 0x5BD1E995
+        return lengths, h
     # every separator byte is <= 0x20: look only at those positions (mostly single spaces)
     low = np.flatnonzero(data[1 : m + 1] <= 0x20) + 1
     sep = low[separators[data[low]]]
@@ -300,6 +333,14 @@ def sequence_keys(elements: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         (True, False, False)
     """
     lengths = np.asarray(lengths, dtype=np.int64)
+    kernels = _compiled()
+    if kernels is not None:
+        return kernels.sequence_keys_kernel(
+            np.ascontiguousarray(elements, dtype=_U64),
+            np.ascontiguousarray(lengths),
+            np.array(_KEY_BASES, dtype=_U64),
+            np.array((_SHORT_SALT, _TOKEN_SALT), dtype=_U64),
+        )
     bounds = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
     np.cumsum(lengths, out=bounds[1:])
     s, e = bounds[:-1], bounds[1:]
@@ -396,8 +437,9 @@ def signatures(
         shingles64: ``uint64`` shingle hashes, concatenated over documents.
         offsets: ``int64`` document offsets into ``shingles64`` (length ``D + 1``).
         a, b: permutation parameters from :func:`permutations`.
-        block: shingles per block of the permutation step (memory ``block * 32 * 4`` bytes, up to
-            4 times that for a block of whole documents).
+        block: shingles per block of the numpy permutation step (memory ``block * 32 * 4`` bytes, up
+            to 4 times that for a block of whole documents); the compiled kernel keeps one
+            ``num_perm`` running minimum per document instead and ignores it.
 
     Returns:
         ``uint32`` array ``[D, num_perm]``; a document without shingles gets ``2**32 - 1``
@@ -409,6 +451,14 @@ def signatures(
         >>> s.shape, int(s[1, 0]) == 2**32 - 1
         ((2, 8), True)
     """
+    kernels = _compiled()
+    if kernels is not None:
+        return kernels.signatures_kernel(
+            np.ascontiguousarray(shingles64, dtype=_U64),
+            np.ascontiguousarray(offsets, dtype=np.int64),
+            np.ascontiguousarray(a, dtype=_U32),
+            np.ascontiguousarray(b, dtype=_U32),
+        )
     n_docs = offsets.shape[0] - 1
     num_perm = a.shape[0]
     out = np.full((num_perm, n_docs), _MAX32, dtype=_U32)
