@@ -98,6 +98,7 @@ def test_signatures_and_keys_equal_numpy(num_perm, ngram, seed, monkeypatch):
     sh, off = shingle_hashes(elements, lengths, ngram)
     a, b = permutations(num_perm, seed)
 
+    _assert_same(*_both(lambda: shingle_hashes(elements, lengths, ngram), monkeypatch))
     sigs = _both(lambda: signatures(sh, off, a, b), monkeypatch)
     _assert_same(*sigs)
     assert sigs[0].shape == (len(texts), num_perm)
@@ -112,7 +113,8 @@ def test_one_long_document_and_token_ids(monkeypatch):
     ids = rng.integers(0, 50_000, 40_000)
     elements = token_element_hashes(ids)
     lengths = np.array([0, 35_000, 1, 4_999, 0])
-    for ngram in (1, 4):
+    for ngram in (1, 4, 9):
+        _assert_same(*_both(lambda: shingle_hashes(elements, lengths, ngram), monkeypatch))
         sh, off = shingle_hashes(elements, lengths, ngram)
         a, b = permutations(128, 9)
         _assert_same(*_both(lambda: signatures(sh, off, a, b), monkeypatch))
@@ -155,3 +157,12 @@ def test_missing_numba_logs_once_and_uses_numpy(monkeypatch, caplog):
     assert len(msgs) == 1, msgs
     assert "pip install 'antimemo[dedup]'" in msgs[0] and "same outputs" in msgs[0]
     assert lengths.tolist() == [3, 1]
+
+
+def test_shingle_hashes_short_documents_and_bad_ngram(monkeypatch):
+    elements = token_element_hashes(np.arange(30))
+    lengths = np.array([1, 2, 0, 3, 4, 5, 6, 9])  # shorter than, equal to and longer than ngram
+    for ngram in (1, 2, 3, 5, 6, 40):
+        _assert_same(*_both(lambda: shingle_hashes(elements, lengths, ngram), monkeypatch))
+    with pytest.raises(ValueError, match="ngram must be >= 1, got 0"):
+        shingle_hashes(elements, lengths, 0)

@@ -24,7 +24,7 @@ from antimemo._extras import require
 
 numba = require("numba", "the compiled MinHash kernels")
 
-__all__ = ["sequence_keys_kernel", "signatures_kernel", "word_hashes_kernel"]
+__all__ = ["sequence_keys_kernel", "shingle_hashes_kernel", "signatures_kernel", "word_hashes_kernel"]
 
 _M32 = np.uint64(0xFFFFFFFF)
 _C32A = np.uint64(0x85EBCA6B)
@@ -84,12 +84,11 @@ def signatures_kernel(shingles64, offsets, a, b):
 
 
 @numba.njit(cache=True, nogil=True)
-def word_hashes_kernel(data, m, separators, doc_sep, n_docs, long_word):
-    """Split ``data[1 : m + 1]`` into words and hash them, as ``minhash._word_hashes_bytes``.
+def word_hashes_kernel(data, separators, doc_sep, n_docs, long_word):
+    """Split ``data`` into words and hash them, as ``minhash._word_hashes_bytes``.
 
     Args:
-        data: ``uint8`` buffer: a padding byte, the ``m`` bytes of the batch, padding.
-        m: number of bytes of the batch.
+        data: ``uint8`` array: the UTF-8 bytes of the batch.
         separators: ``bool [256]``: the bytes that separate words.
         doc_sep: the separator byte that also separates documents.
         n_docs: number of documents in the batch (``doc_sep`` count + 1).
@@ -100,6 +99,7 @@ def word_hashes_kernel(data, m, separators, doc_sep, n_docs, long_word):
         ``uint64`` hash of every word in order, and the word indexes and byte ranges (into
         ``data``) of the long words.
     """
+    m = data.shape[0]
     lengths = np.zeros(n_docs, dtype=np.int64)
     hashes = np.empty(m // 2 + 1, dtype=np.uint64)
     long_idx = np.empty(m // (long_word + 1) + 1, dtype=np.int64)
@@ -108,8 +108,8 @@ def word_hashes_kernel(data, m, separators, doc_sep, n_docs, long_word):
     n_words = 0
     n_long = 0
     doc = 0
-    p = 1
-    end = m + 1
+    p = 0
+    end = m
     while p < end:
         c = data[p]
         if c <= 0x20 and separators[c]:
@@ -172,3 +172,30 @@ def sequence_keys_kernel(elements, lengths, bases, salts):
             out[d, col] = _fmix64(acc)
         s = e
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def shingle_hashes_kernel(elements, lengths, offsets, ngram, out):
+    """Fill ``out`` with the shingle hashes of :func:`antimemo.dedup.minhash.shingle_hashes`.
+
+    A window of ``ngram`` elements folds to ``e0 * P**(n-1) + ... + e(n-1)`` modulo ``2**64``; a
+    document with ``1 <= m < ngram`` elements has one shingle, its whole fold salted with ``m``
+    and finalised with ``fmix64``.
+    """
+    s = 0
+    for d in range(lengths.shape[0]):
+        m = lengths[d]
+        o = offsets[d]
+        if m >= ngram:
+            for i in range(m - ngram + 1):
+                g = elements[s + i]
+                for k in range(1, ngram):
+                    g = g * _POLY + elements[s + i + k]
+                out[o + i] = g
+        elif m > 0:
+            acc = np.uint64(0)
+            for i in range(m):
+                acc = acc * _POLY + elements[s + i]
+            acc ^= _SHORT_SALT * np.uint64(m)
+            out[o] = _fmix64(acc)
+        s += m

@@ -252,19 +252,18 @@ def _fmix64_(x: np.ndarray) -> np.ndarray:
 
 
 def _word_hashes_bytes(raw: bytes, separators: np.ndarray, doc_sep: int) -> tuple[np.ndarray, np.ndarray]:
+    kernels = _compiled()
+    if kernels is not None:
+        lengths, h, long_idx, long_starts, long_ends = kernels.word_hashes_kernel(
+            np.frombuffer(raw, dtype=np.uint8), separators, doc_sep, raw.count(bytes([doc_sep])) + 1, _LONG_WORD
+        )
+        for w, s, e in zip(long_idx.tolist(), long_starts.tolist(), long_ends.tolist()):
+            h[w] = content_hash(raw[s:e]) ^ 0x5BD1E995
+        return lengths, h
     m = len(raw)
     # data[0] and data[m + 1:] are padding: words never start or end there, and every 8-byte read
     # starting inside the text stays inside the buffer (read-only view of one bytes object)
     data = np.frombuffer(b"\x00" + raw + b"\x00" * 8, dtype=np.uint8)
-    kernels = _compiled()
-    if kernels is not None:
-        n_docs = raw.count(bytes([doc_sep])) + 1
-        lengths, h, long_idx, long_starts, long_ends = kernels.word_hashes_kernel(
-            data, m, separators, doc_sep, n_docs, _LONG_WORD
-        )
-        for w, s, e in zip(long_idx.tolist(), long_starts.tolist(), long_ends.tolist()):
-            h[w] = content_hash(raw[s - 1 : e - 1]) ^ 0x5BD1E995
-        return lengths, h
     # every separator byte is <= 0x20: look only at those positions (mostly single spaces)
     low = np.flatnonzero(data[1 : m + 1] <= 0x20) + 1
     sep = low[separators[data[low]]]
@@ -391,6 +390,8 @@ def shingle_hashes(elements: np.ndarray, lengths: np.ndarray, ngram: int) -> tup
         >>> off.tolist()  # 5 - 3 + 1 = 3 shingles, then 1 whole-sequence shingle
         [0, 3, 4]
     """
+    if int(ngram) < 1:
+        raise ValueError(f"ngram must be >= 1, got {ngram!r}; e.g. ngram=5 (5-word shingles)")
     lengths = np.asarray(lengths, dtype=np.int64)
     n_docs = lengths.shape[0]
     starts = np.zeros(n_docs + 1, dtype=np.int64)
@@ -399,6 +400,10 @@ def shingle_hashes(elements: np.ndarray, lengths: np.ndarray, ngram: int) -> tup
     offsets = np.zeros(n_docs + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
     out = np.empty(int(offsets[-1]), dtype=_U64)
+    kernels = _compiled()
+    if kernels is not None:
+        kernels.shingle_hashes_kernel(np.ascontiguousarray(elements, dtype=_U64), lengths, offsets, int(ngram), out)
+        return out, offsets
     total = elements.shape[0]
     full = lengths >= ngram
     if total >= ngram and full.any():
