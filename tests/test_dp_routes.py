@@ -12,14 +12,14 @@ from torch import nn
 
 from antimemo.callbacks.dp import DifferentialPrivacy, _bit_checksum
 from antimemo.dp import compute_epsilon
-from antimemo.dp.routes import GHOST_SEQ_FACTOR, choose_route, ghost_blocker, ghost_crossover, sequence_length
+from antimemo.dp import routes
+from antimemo.dp.routes import HOOKS_MEMORY_FACTOR, MEMORY_SHARE, choose_route, ghost_blocker, per_sample_gradient_bytes
 from antimemo.lm.data import TextDataModule
 from antimemo.lm.module import CausalLMModule
 
 transformers.logging.set_verbosity_error()
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning")
 
-# hidden 64, MLP 128, vocab 257: ghost/hooks crossover ~40.7 tokens, so auto picks ghost up to seq 20
 TINY = {"vocab_size": 257, "hidden_size": 64, "num_layers": 1, "num_heads": 2, "intermediate_size": 128}
 
 
@@ -36,21 +36,20 @@ def _gpt2() -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg)
 
 
-def test_crossover_is_the_cost_model():
-    lm = _llama()
-    # q, k, v, o 64x64; gate, up, down 64x128; lm_head 64x257
-    num = 4 * 64 * 64 + 3 * 64 * 128 + 64 * 257
-    den = 4 * 128 + 3 * 192 + (64 + 257)
-    assert ghost_crossover(lm) == pytest.approx(num / den)
-    assert ghost_crossover(nn.Sequential(nn.Embedding(10, 4), nn.ReLU())) is None
+GB = 2**30
 
 
-def test_auto_picks_ghost_for_short_sequences_and_hooks_for_long_ones():
+def test_auto_takes_hooks_while_its_per_sample_gradients_fit_and_ghost_when_they_do_not():
     lm = _llama()
-    limit = GHOST_SEQ_FACTOR * ghost_crossover(lm)
-    short, long = choose_route(lm, int(limit), None), choose_route(lm, int(limit) + 1, None)
-    assert short.route == "ghost" and "per-sample norms cost less" in short.reason
-    assert long.route == "hooks" and "second backward" in long.reason
+    n = sum(p.numel() for p in lm.parameters())
+    assert per_sample_gradient_bytes(lm, 16) == 16 * n * 4
+    need = HOOKS_MEMORY_FACTOR * 16 * n * 4
+    fits, tight = choose_route(lm, None, 16, int(need / MEMORY_SHARE)), choose_route(lm, None, 16, int(need))
+    assert fits.route == "hooks" and "fit in 50%" in fits.reason
+    assert tight.route == "ghost" and "stores per-sample norms only" in tight.reason
+    unknown = choose_route(lm, None, 16, None)
+    assert unknown.route == "hooks" and "unknown" in unknown.reason
+    assert routes.available_memory(torch.device("cpu")) > 0
 
 
 @pytest.mark.parametrize(
@@ -66,28 +65,24 @@ def test_auto_picks_hooks_where_ghost_is_invalid(model, seq_len, loss_is_lm_loss
     m = model()
     blocker = ghost_blocker(m, loss_is_lm_loss)
     assert blocker is not None and reason in blocker
-    choice = choose_route(m, seq_len, blocker)
+    choice = choose_route(m, blocker, 16, 1)  # even when hooks' per-sample gradients cannot fit
     assert choice.route == "hooks" and reason in choice.reason
 
 
-def test_auto_picks_hooks_for_gpt2_conv1d_and_unknown_lengths():
+def test_auto_keeps_hooks_for_gpt2_conv1d_even_when_memory_is_tight():
     gpt2 = _gpt2()
     assert ghost_blocker(gpt2, True) is None  # valid for ghost, but its Conv1D layers have no ghost norm sampler
-    choice = choose_route(gpt2, 4, None)
+    choice = choose_route(gpt2, None, 16, 1)
     assert choice.route == "hooks" and "ghost norm sampler" in choice.reason
-    assert choose_route(_llama(), None, None).route == "hooks"
-    assert sequence_length({"input_ids": torch.zeros(5, dtype=torch.long), "labels": torch.zeros(7)}) == 5
-    assert sequence_length((torch.tensor(1.0), torch.zeros(3, 9))) == 9
-    assert sequence_length({"x": 1}) is None
 
 
-def test_auto_picks_hooks_for_lora_adapters():
+def test_lora_adapters_need_little_per_sample_memory():
     import peft
 
     lora = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    # only the adapters' Linear(64, 4) and Linear(4, 64) train: the crossover is about the rank
-    assert ghost_crossover(lora) == pytest.approx(2 * 64 * 4 / (2 * 68))
-    assert choose_route(lora, 16, None).route == "hooks"
+    # only the adapters train: Linear(64, 4) and Linear(4, 64) for q and v
+    assert per_sample_gradient_bytes(lora, 16) == 16 * 2 * (64 * 4 + 4 * 64) * 4
+    assert choose_route(lora, None, 16, 64 * 2**20).route == "hooks"
 
 
 def test_unknown_mode_names_the_valid_ones():
@@ -132,7 +127,7 @@ class GradSampleSpy(pl.Callback):
                     self.norms.append(tuple(ns.shape))
 
 
-def _fit(mode: str, seq_len: int, caplog=None):
+def _fit(mode: str, seq_len: int):
     pl.seed_everything(0, verbose=False)
     model = CausalLMModule(**TINY, max_position_embeddings=64, seed=0)
     data = TextDataModule(seq_len=seq_len, num_train=64, num_holdout=8, batch_size=8, seed=0)
@@ -146,14 +141,16 @@ def _fit(mode: str, seq_len: int, caplog=None):
     return dp, spy, trainer
 
 
-def test_auto_trains_with_ghost_on_short_sequences_and_accounts_as_ghost(caplog):
+def test_auto_trains_with_ghost_when_memory_is_tight_and_accounts_as_ghost(caplog, monkeypatch):
+    monkeypatch.setattr(routes, "available_memory", lambda device: 1024)  # hooks' per-sample gradients cannot fit
+    monkeypatch.setattr("antimemo.callbacks.dp.available_memory", lambda device: 1024)
     with caplog.at_level(logging.INFO):
         auto, spy, trainer = _fit("auto", seq_len=16)
     assert auto.route == "ghost"
     chosen = [r.getMessage() for r in caplog.records if "grad_sample_mode='auto' chose" in r.getMessage()]
-    assert len(chosen) == 1 and "chose 'ghost'" in chosen[0] and "sequence length 16" in chosen[0]
+    assert len(chosen) == 1 and "chose 'ghost'" in chosen[0] and "stores per-sample norms only" in chosen[0]
     g = auto.guarantee()
-    assert g["grad_sample_mode"] == "ghost" and "sequence length 16" in g["grad_sample_mode_reason"]
+    assert g["grad_sample_mode"] == "ghost" and "would pass 50%" in g["grad_sample_mode_reason"]
     # every trainable parameter got a per-sample gradient norm for the batch; no per-sample gradients stored
     assert spy.norms and len({n for n in spy.norms}) == 1 and not spy.shapes
     # accounting does not depend on the route: the same history and epsilon as an explicit ghost run
@@ -163,11 +160,13 @@ def test_auto_trains_with_ghost_on_short_sequences_and_accounts_as_ghost(caplog)
     assert float(trainer.callback_metrics["dp/epsilon"]) == pytest.approx(auto.epsilon)
 
 
-def test_auto_trains_with_hooks_on_long_sequences():
-    auto, spy, _ = _fit("auto", seq_len=64)
-    assert auto.route == "hooks" and "sequence length 64" in auto.route_reason
+def test_auto_trains_with_hooks_when_per_sample_gradients_fit(caplog):
+    with caplog.at_level(logging.INFO):
+        auto, spy, _ = _fit("auto", seq_len=16)
+    assert auto.route == "hooks" and "fit in 50%" in auto.route_reason
+    assert any("grad_sample_mode='auto' chose 'hooks'" in r.getMessage() for r in caplog.records)
     # per-sample gradients [B, *p.shape] for every trainable parameter
     assert len(spy.shapes) == sum(1 for _ in CausalLMModule(**TINY).parameters())
     assert all(gs[1:] == shape and gs[0] == spy.shapes[0][0][0] for gs, shape in spy.shapes)
-    hooks, _, _ = _fit("hooks", seq_len=64)
+    hooks, _, _ = _fit("hooks", seq_len=16)
     assert auto.history == hooks.history and auto.epsilon == pytest.approx(hooks.epsilon)

@@ -54,7 +54,7 @@ from antimemo.callbacks._seams import grad_seam, loader_seam, loss_seam, per_seq
 from antimemo.dp.config import check_dp_arguments
 from antimemo.dp.hf import find_causal_lms, install_batched_position_ids, register_grad_samplers
 from antimemo.dp.loader import poisson_loader
-from antimemo.dp.routes import choose_route, ghost_blocker, sequence_length
+from antimemo.dp.routes import available_memory, choose_route, ghost_blocker
 from antimemo.dp.validate import check_no_tied_ghost, validate_model
 from antimemo.sampling import DedupSampler
 from antimemo.dp.sampler import EmptySafeCollate, PoissonBatchSampler, mix_seed
@@ -569,7 +569,7 @@ class DifferentialPrivacy(pl.Callback):
         )
 
     def _resolve_route(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """``grad_sample_mode="auto"``: pick the route for this model and the training items' length; log it."""
+        """``grad_sample_mode="auto"``: hooks, or ghost where hooks' per-sample gradients would not fit; log it."""
         if self.grad_sample_mode != "auto":
             self.route = self.grad_sample_mode
             return
@@ -580,14 +580,9 @@ class DifferentialPrivacy(pl.Callback):
             type(pl_module).training_step is CausalLMModule.training_step
         )
         blocker = ghost_blocker(pl_module, known_loss)
-        seq_len = None
-        dataset = getattr(trainer.train_dataloader, "dataset", None)
-        if dataset is not None:
-            try:
-                seq_len = sequence_length(dataset[0])
-            except (IndexError, KeyError, TypeError):  # an empty or non-indexable dataset: length unknown
-                seq_len = None
-        choice = choose_route(pl_module, seq_len, blocker)
+        assert self.sample_rate is not None and self.dataset_size is not None
+        expected_batch = self.sample_rate * self.dataset_size / self.world_size
+        choice = choose_route(pl_module, blocker, expected_batch, available_memory(pl_module.device))
         self.route, self.route_reason = choice.route, choice.reason
         rank_zero_info(f"DifferentialPrivacy: grad_sample_mode='auto' chose '{choice.route}': {choice.reason}")
 

@@ -17,38 +17,42 @@ Opacus offers three routes that :class:`~antimemo.callbacks.dp.DifferentialPriva
 the Llama models of the recipes it cannot run at all (``LlamaRMSNorm`` multiplies its weight with
 ``mul``: "Expanded Weights encountered but cannot handle function mul").
 
-:func:`choose_route` (``grad_sample_mode="auto"``) takes ``"ghost"`` when it is valid and cheaper
-than ``"hooks"`` by the cost model above, measured on this project's models: ghost's norm work
-grows with ``T^2`` where hooks' per-sample gradients grow with ``T * d_in * d_out``, and ghost pays
-a second backward pass. Otherwise ``"hooks"``.
+:func:`choose_route` (``grad_sample_mode="auto"``) is set by the measurements in
+docs/benchmarks.md "DP-SGD routes": on CPU, ``ghost`` was slower than ``hooks`` at 0.6M (64 and
+256 tokens) and at 7M x 256 tokens, and erratic at 7M x 64 (faster in 3 of 8 same-repeat pairs,
+up to 9x a plain step in others); ghost's one robust gain is memory (at 7M x batch 64
+the fit's peak rose by 91 MB over plain against 2,503 MB for hooks). So ``auto`` takes ``hooks``
+unless hooks' per-sample gradients would not fit in memory, and then ``ghost`` when it is valid.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-from torch import Tensor, nn
+import torch
+from torch import nn
 
 __all__ = [
-    "GHOST_SEQ_FACTOR",
+    "HOOKS_MEMORY_FACTOR",
+    "MEMORY_SHARE",
     "ROUTES",
     "RouteChoice",
+    "available_memory",
     "choose_route",
     "ghost_blocker",
-    "ghost_crossover",
-    "sequence_length",
+    "per_sample_gradient_bytes",
 ]
 
 #: the routes ``grad_sample_mode`` accepts besides ``"auto"``
 ROUTES = ("hooks", "functorch", "ghost")
 
-#: ghost is chosen when ``seq_len <= GHOST_SEQ_FACTOR * ghost_crossover(model)``. The crossover
-#: ``T* = sum(d_in * d_out) / sum(d_in + d_out)`` over the trainable ``nn.Linear`` layers is where
-#: ghost's norm work equals hooks' per-sample-gradient work; the factor < 1 pays for ghost's
-#: second backward pass (set from the measurements in docs/benchmarks.md "DP-SGD routes").
-GHOST_SEQ_FACTOR = 0.5
+#: hooks' extra memory over plain training, as a multiple of its per-sample gradients
+#: ``batch x trainable parameters x element size``: 1.6 measured at 7M x batch 16 (1,067 MB over
+#: plain for 675 MB of per-sample gradients), rounded up to 2
+HOOKS_MEMORY_FACTOR = 2.0
+
+#: ``auto`` takes ghost when hooks' extra memory would pass this share of the available memory
+MEMORY_SHARE = 0.5
 
 #: ghost is chosen only when at least this share of the trainable parameters sits in layers with
 #: a ghost norm sampler (others build per-sample gradients anyway, and ghost adds a backward pass)
@@ -63,23 +67,31 @@ class RouteChoice:
     reason: str
 
 
-def ghost_crossover(module: nn.Module) -> float | None:
-    """``sum(d_in * d_out) / sum(d_in + d_out)`` over the trainable ``nn.Linear`` layers of ``module``.
+def available_memory(device: torch.device) -> int | None:
+    """Bytes available for new tensors on ``device``: CUDA's free memory, or the host's
+    ``MemAvailable`` (``/proc/meminfo``) for CPU; ``None`` where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
 
-    The sequence length at which ghost clipping's per-sample norm work (``T^2 (d_in + d_out)``)
-    equals the hooks route's per-sample gradient work (``T d_in d_out``); ``None`` without any
-    trainable ``nn.Linear``.
 
-    Example:
-        >>> round(ghost_crossover(nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 512))), 2)
-        91.43
-    """
-    num = den = 0
-    for sub in module.modules():
-        if type(sub) is nn.Linear and sub.weight.requires_grad:
-            num += sub.in_features * sub.out_features
-            den += sub.in_features + sub.out_features
-    return num / den if den else None
+def per_sample_gradient_bytes(module: nn.Module, expected_batch: float) -> int:
+    """``expected_batch x`` the bytes of ``module``'s trainable parameters: hooks' per-sample gradients."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return int(expected_batch * total)
 
 
 def _ghost_norm_share(module: nn.Module) -> float:
@@ -96,34 +108,6 @@ def _ghost_norm_share(module: nn.Module) -> float:
             if type(sub) in GradSampleHooksFastGradientClipping.NORM_SAMPLERS:
                 normed += p.numel()
     return normed / total if total else 0.0
-
-
-def sequence_length(item: Any) -> int | None:
-    """The sequence length of one dataset item: the last dimension of its ``input_ids`` (or of its
-    first tensor with at least one dimension); ``None`` if it has none.
-
-    Example:
-        >>> import torch
-        >>> sequence_length({"input_ids": torch.zeros(64, dtype=torch.long)})
-        64
-        >>> sequence_length(3) is None
-        True
-    """
-    if isinstance(item, Tensor):
-        return int(item.shape[-1]) if item.dim() > 0 else None
-    if isinstance(item, dict):
-        if isinstance(item.get("input_ids"), Tensor):
-            return sequence_length(item["input_ids"])
-        values: Sequence[Any] = list(item.values())
-    elif isinstance(item, (list, tuple)):
-        values = item
-    else:
-        return None
-    for value in values:
-        found = sequence_length(value)
-        if found is not None:
-            return found
-    return None
 
 
 def ghost_blocker(module: nn.Module, loss_is_lm_loss: bool) -> str | None:
@@ -156,49 +140,56 @@ def ghost_blocker(module: nn.Module, loss_is_lm_loss: bool) -> str | None:
     return None
 
 
-def choose_route(module: nn.Module, seq_len: int | None, ghost_blocker: str | None) -> RouteChoice:
-    """Pick the fastest valid per-sample-gradient route for ``module`` on sequences of ``seq_len``.
+def choose_route(
+    module: nn.Module, ghost_blocker: str | None, expected_batch: float, available: int | None
+) -> RouteChoice:
+    """Pick the per-sample-gradient route for ``module``: ``hooks`` unless it would not fit in memory.
 
     Args:
-        module: the model (its trainable layers decide).
-        seq_len: tokens per training sequence (``None``: unknown, e.g. not a token model).
+        module: the model (its trainable parameters decide).
         ghost_blocker: why ghost clipping cannot be used for this training, or ``None`` if it can
-            (the callback passes e.g. "no Hugging Face causal LM", "tied parameters").
+            (see :func:`ghost_blocker`).
+        expected_batch: the expected Poisson batch size on this device.
+        available: bytes available on the training device (:func:`available_memory`), or ``None``.
 
     Returns:
-        ``RouteChoice("ghost" | "hooks", reason)``. ``"functorch"`` is never picked: it was slower
-        than ``"hooks"`` in every measurement.
+        ``RouteChoice("hooks" | "ghost", reason)``. ``"functorch"`` is never picked: it was the
+        slowest route wherever it was measured.
 
     Example:
         >>> lm = nn.Sequential(nn.Embedding(257, 128), nn.Linear(128, 512), nn.Linear(512, 128))
-        >>> choose_route(lm, 16, None).route, choose_route(lm, 256, None).route
-        ('ghost', 'hooks')
-        >>> choose_route(lm, 16, "the loss is not a Hugging Face causal LM's").route
+        >>> choose_route(lm, None, 16, 8 * 2**30).route, choose_route(lm, None, 16, 2**20).route
+        ('hooks', 'ghost')
+        >>> choose_route(lm, "the loss is not the LM's", 16, 2**20).route
         'hooks'
     """
+    need = HOOKS_MEMORY_FACTOR * per_sample_gradient_bytes(module, expected_batch)
+    if available is None:
+        return RouteChoice("hooks", "the memory available on the device is unknown; hooks is the faster route")
+    if need <= MEMORY_SHARE * available:
+        return RouteChoice(
+            "hooks",
+            f"hooks' per-sample gradients (~{need / 2**20:.0f} MB at expected batch {expected_batch:.1f}) fit in "
+            f"{MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GB available, and hooks was the faster route "
+            "in the measurements",
+        )
     if ghost_blocker is not None:
-        return RouteChoice("hooks", f"ghost clipping is not possible ({ghost_blocker})")
-    if seq_len is None:
-        return RouteChoice("hooks", "the sequence length of the training items is unknown")
-    crossover = ghost_crossover(module)
-    if crossover is None:
-        return RouteChoice("hooks", "the model has no trainable nn.Linear layer (ghost clipping saves nothing)")
+        return RouteChoice(
+            "hooks",
+            f"hooks' per-sample gradients (~{need / 2**20:.0f} MB) pass {MEMORY_SHARE:.0%} of the "
+            f"{available / 2**30:.1f} GB available, but ghost clipping is not possible ({ghost_blocker}); lower "
+            "the batch size if memory runs out",
+        )
     share = _ghost_norm_share(module)
     if share < GHOST_MIN_NORM_SHARE:
         return RouteChoice(
             "hooks",
-            f"only {share:.0%} of the trainable parameters sit in layers with a ghost norm sampler "
-            f"(< {GHOST_MIN_NORM_SHARE:.0%}); the others need per-sample gradients anyway",
-        )
-    limit = GHOST_SEQ_FACTOR * crossover
-    if seq_len <= limit:
-        return RouteChoice(
-            "ghost",
-            f"sequence length {seq_len} <= {limit:.0f} ({GHOST_SEQ_FACTOR:g} x the model's ghost/hooks crossover "
-            f"{crossover:.0f}): per-sample norms cost less than per-sample gradients",
+            f"hooks' per-sample gradients (~{need / 2**20:.0f} MB) pass {MEMORY_SHARE:.0%} of the available memory, "
+            f"but only {share:.0%} of the trainable parameters sit in layers with a ghost norm sampler (< "
+            f"{GHOST_MIN_NORM_SHARE:.0%}): ghost would build most per-sample gradients anyway",
         )
     return RouteChoice(
-        "hooks",
-        f"sequence length {seq_len} > {limit:.0f} ({GHOST_SEQ_FACTOR:g} x the model's ghost/hooks crossover "
-        f"{crossover:.0f}): ghost clipping's T^2 norm work and second backward cost more than per-sample gradients",
+        "ghost",
+        f"hooks' per-sample gradients (~{need / 2**20:.0f} MB at expected batch {expected_batch:.1f}) would pass "
+        f"{MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GB available; ghost clipping stores per-sample norms only",
     )
