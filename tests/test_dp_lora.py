@@ -353,10 +353,11 @@ def test_auto_route_picks_hooks_for_adapters_where_it_picks_ghost_for_the_full_m
     sizes = {"hidden_size": 384, "num_layers": 4, "num_heads": 6, "intermediate_size": 1536, "max_position_embeddings": 64}
     adapters = LoRACausalLMModule(lora={"r": 8}, **sizes)
     full = LoRACausalLMModule(lora=None, **sizes)
-    # the adapters' crossover is tiny (d_in * r / (d_in + r) ~ r): ghost's second backward through the frozen
-    # model buys nothing (measured: ghost 1.92x, hooks 1.10x a LoRA step, docs/benchmarks.md "DP with LoRA")
-    assert choose_route(adapters, 64, None).route == "hooks"
-    assert choose_route(full, 64, None).route == "ghost"
+    # auto switches to ghost only when hooks' per-sample gradients would not fit (docs/dp.md "Gradient modes"):
+    # the adapters' are tiny, so hooks stays (measured: ghost 1.92x, hooks 1.10x a LoRA step, docs/benchmarks.md
+    # "DP with LoRA"), while the full model's (16 x 9.6M floats) would not fit in 64 MB
+    assert choose_route(adapters, None, 16, 64 * 2**20).route == "hooks"
+    assert choose_route(full, None, 16, 64 * 2**20).route == "ghost"
 
 
 def test_the_recipe_parses_and_names_the_lora_module_and_the_offset_split():
