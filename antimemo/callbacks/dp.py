@@ -165,9 +165,9 @@ class DifferentialPrivacy(pl.Callback):
         accountant: ``"prv"`` (default, tightest), ``"rdp"`` or ``"gdp"`` (Opacus accountants).
         poisson_sampling: must be ``True``: the accountants assume Poisson sampling, and fixed-size
             shuffled batches make their epsilon an underestimate.
-        grad_sample_mode: ``"auto"`` (at fit start, the fastest route valid for the model by
-            :func:`~antimemo.dp.routes.choose_route`; the choice is logged and stored in
-            :attr:`route` and :meth:`guarantee`), ``"hooks"`` (Opacus' per-layer grad samplers,
+        grad_sample_mode: ``"auto"`` (at fit start, :func:`~antimemo.dp.routes.choose_route`:
+            ``"hooks"``, or ``"ghost"`` where hooks' per-sample gradients would not fit in memory;
+            the choice is logged and stored in :attr:`route` and :meth:`guarantee`), ``"hooks"`` (Opacus' per-layer grad samplers,
             functorch for layers without one), ``"functorch"`` (functorch for every layer) or
             ``"ghost"`` (ghost
             clipping: per-sample gradient *norms* only, two backward passes, much less memory;
