@@ -1,4 +1,4 @@
-"""Vectorised MinHash over word or token n-gram shingles (numpy only, no per-shingle Python calls).
+"""Vectorised MinHash over word or token n-gram shingles (numpy, or numba kernels when installed).
 
 Pipeline for one chunk of documents:
 
