@@ -144,7 +144,7 @@ def _fit(mode: str, seq_len: int):
 def test_auto_trains_with_ghost_when_memory_is_tight_and_accounts_as_ghost(caplog, monkeypatch):
     monkeypatch.setattr(routes, "available_memory", lambda device: 1024)  # hooks' per-sample gradients cannot fit
     monkeypatch.setattr("antimemo.callbacks.dp.available_memory", lambda device: 1024)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         auto, spy, trainer = _fit("auto", seq_len=16)
     assert auto.route == "ghost"
     chosen = [r.getMessage() for r in caplog.records if "grad_sample_mode='auto' chose" in r.getMessage()]
@@ -161,7 +161,7 @@ def test_auto_trains_with_ghost_when_memory_is_tight_and_accounts_as_ghost(caplo
 
 
 def test_auto_trains_with_hooks_when_per_sample_gradients_fit(caplog):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         auto, spy, _ = _fit("auto", seq_len=16)
     assert auto.route == "hooks" and "fit in 50%" in auto.route_reason
     assert any("grad_sample_mode='auto' chose 'hooks'" in r.getMessage() for r in caplog.records)
