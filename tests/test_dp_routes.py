@@ -127,6 +127,30 @@ class GradSampleSpy(pl.Callback):
                     self.norms.append(tuple(ns.shape))
 
 
+class _Records(logging.Handler):
+    """Collects Lightning's rank-zero messages on that logger itself: Lightning sets
+    ``propagate=False`` on ``lightning.pytorch`` when the root logger has no handler at its
+    import, so pytest's caplog (a root handler) sees them or not depending on test order."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def __enter__(self) -> "_Records":
+        self._log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        self._level = self._log.level
+        self._log.setLevel(logging.INFO)
+        self._log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._log.removeHandler(self)
+        self._log.setLevel(self._level)
+
+
 def _fit(mode: str, seq_len: int):
     pl.seed_everything(0, verbose=False)
     model = CausalLMModule(**TINY, max_position_embeddings=64, seed=0)
@@ -141,13 +165,13 @@ def _fit(mode: str, seq_len: int):
     return dp, spy, trainer
 
 
-def test_auto_trains_with_ghost_when_memory_is_tight_and_accounts_as_ghost(caplog, monkeypatch):
+def test_auto_trains_with_ghost_when_memory_is_tight_and_accounts_as_ghost(monkeypatch):
     monkeypatch.setattr(routes, "available_memory", lambda device: 1024)  # hooks' per-sample gradients cannot fit
     monkeypatch.setattr("antimemo.callbacks.dp.available_memory", lambda device: 1024)
-    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+    with _Records() as logs:
         auto, spy, trainer = _fit("auto", seq_len=16)
     assert auto.route == "ghost"
-    chosen = [r.getMessage() for r in caplog.records if "grad_sample_mode='auto' chose" in r.getMessage()]
+    chosen = [r.getMessage() for r in logs.records if "grad_sample_mode='auto' chose" in r.getMessage()]
     assert len(chosen) == 1 and "chose 'ghost'" in chosen[0] and "stores per-sample norms only" in chosen[0]
     g = auto.guarantee()
     assert g["grad_sample_mode"] == "ghost" and "would pass 50%" in g["grad_sample_mode_reason"]
@@ -160,11 +184,11 @@ def test_auto_trains_with_ghost_when_memory_is_tight_and_accounts_as_ghost(caplo
     assert float(trainer.callback_metrics["dp/epsilon"]) == pytest.approx(auto.epsilon)
 
 
-def test_auto_trains_with_hooks_when_per_sample_gradients_fit(caplog):
-    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+def test_auto_trains_with_hooks_when_per_sample_gradients_fit():
+    with _Records() as logs:
         auto, spy, _ = _fit("auto", seq_len=16)
     assert auto.route == "hooks" and "fit in 50%" in auto.route_reason
-    assert any("grad_sample_mode='auto' chose 'hooks'" in r.getMessage() for r in caplog.records)
+    assert any("grad_sample_mode='auto' chose 'hooks'" in r.getMessage() for r in logs.records)
     # per-sample gradients [B, *p.shape] for every trainable parameter
     assert len(spy.shapes) == sum(1 for _ in CausalLMModule(**TINY).parameters())
     assert all(gs[1:] == shape and gs[0] == spy.shapes[0][0][0] for gs, shape in spy.shapes)
