@@ -17,13 +17,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from antimemo._checks import check_int
-from antimemo.diffusion.data import ImageDataset
+from antimemo.diffusion.data import ImageDataset, ImageLoaders
 
 __all__ = ["ImageFileDataModule", "labels_path", "read_image_file"]
 
@@ -75,7 +73,7 @@ def read_image_file(path: str | os.PathLike[str], argument: str = "path") -> tup
     return torch.from_numpy(images.astype(np.float32, copy=False)), torch.from_numpy(labels.astype(np.int64, copy=False))
 
 
-class ImageFileDataModule(pl.LightningDataModule):
+class ImageFileDataModule(ImageLoaders):
     """Train and validation images (with labels) from ``.npy`` files (see the module docstring).
 
     Args:
@@ -114,11 +112,3 @@ class ImageFileDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.train_set = ImageDataset(self.train_images, self.train_labels)
             self.val_set = ImageDataset(self.val_images, self.val_labels)
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None, "call setup() first"
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None, "call setup() first"
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

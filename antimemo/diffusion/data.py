@@ -61,7 +61,25 @@ class ImageDataset(Dataset):
         return {"image": self.images[r], "label": self.labels[r], "index": torch.tensor(r)}
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class ImageLoaders(pl.LightningDataModule):
+    """The train / val loaders of an image data module: ``train_set`` shuffled, ``val_set`` in
+    order, both with ``batch_size`` and ``num_workers`` (set by the subclass; ``setup`` fills the sets)."""
+
+    train_set: Dataset | None
+    val_set: Dataset | None
+    batch_size: int
+    num_workers: int
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "call setup() first"
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+class DigitsDataModule(ImageLoaders):
     """Digits train/val split with some training images repeated many times.
 
     The 1797 digits are shuffled with ``seed``; the first ``num_train`` form the unique training
@@ -134,11 +152,3 @@ class DigitsDataModule(pl.LightningDataModule):
         rows = torch.cat([torch.arange(self.num_train), self.duplicated_rows.repeat_interleave(self.copies - 1)])
         self.train_set = ImageDataset(self.train_images, self.train_labels, rows)
         self.val_set = ImageDataset(x[va].contiguous(), y[va].contiguous())
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.train_set is not None, "call setup() first"
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
-
-    def val_dataloader(self) -> DataLoader:
-        assert self.val_set is not None, "call setup() first"
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
