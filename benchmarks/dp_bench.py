@@ -72,7 +72,7 @@ SIZES: dict[str, dict[str, int]] = {
     "7M": {"hidden_size": 384, "num_layers": 4, "num_heads": 6, "intermediate_size": 1536},
     "30M": {"hidden_size": 512, "num_layers": 7, "num_heads": 8, "intermediate_size": 2048},
 }
-ROUTES = ("plain", "hooks", "functorch", "ghost", "ew", "auto")
+ROUTES = ("plain", "hooks", "functorch", "ghost", "bookkeeping", "ew", "auto")
 # timed steps per run by size (halved for seq 256 and for batch 64, at least 2), to keep the large cells short
 DEFAULT_STEPS = {"0.6M": 10, "7M": 6, "30M": 4}
 PER_SAMPLE_ROUTES = ("hooks", "functorch", "auto")  # materialise batch x parameters per-sample gradients
@@ -228,12 +228,13 @@ def profile(args: argparse.Namespace) -> None:
     """torch.profiler over a few DP steps: where the step time goes, by labelled region."""
     _quiet()
     from opacus.grad_sample import GradSampleHooks, GradSampleHooksFastGradientClipping
-    from opacus.optimizers import DPOptimizer
+    from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
     from torch.profiler import ProfilerActivity, record_function
     from torch.profiler import profile as torch_profile
     from torch.utils.data.dataloader import _BaseDataLoaderIter
 
     from antimemo.callbacks.dp import DifferentialPrivacy
+    from antimemo.dp.bookkeeping import BookKeeping
     from antimemo.dp.hf import register_grad_samplers
     from antimemo.lm.data import TextDataModule
     from antimemo.lm.module import CausalLMModule
@@ -269,6 +270,10 @@ def profile(args: argparse.Namespace) -> None:
     patch(DPOptimizer, "clip_and_accumulate", "clip: per-sample norms + clipped sum")
     patch(DPOptimizer, "add_noise", "noise")
     patch(DPOptimizer, "pre_step", "DP pre-step: clip + noise (+ accounting)")
+    patch(DPOptimizerFastGradientClipping, "add_noise", "noise")
+    patch(DPOptimizerFastGradientClipping, "pre_step", "DP pre-step: clip + noise (+ accounting)")
+    patch(BookKeeping, "_norms", "book-keeping: per-sample norms")
+    patch(BookKeeping, "_sums", "book-keeping: clipped sums")
     patch(torch.optim.AdamW, "step", "optimizer update (AdamW)")
     patch(DifferentialPrivacy, "_take_fingerprint", "callback: parameter fingerprint")
     patch(DifferentialPrivacy, "on_before_optimizer_step", "callback: pre-step checks")

@@ -8,6 +8,8 @@ on the recipe's fine-tuning data (``OffsetTextDataModule``; validation and monit
 - ``dp_lora``: ``DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="hooks")`` on the same
   module (Poisson batches of expected size ``batch_size``; per-sample gradients of the adapters only);
 - ``dp_lora_ghost``: the same with ``grad_sample_mode="ghost"``;
+- ``dp_lora_bk``: the same with ``grad_sample_mode="bookkeeping"`` (book-keeping: ghost norms and
+  the clipped sum from one backward pass, ``antimemo/dp/bookkeeping.py``);
 - ``full`` and ``dp_full`` (``--with-full``): every weight trained, for reference.
 
 A timing callback measures each step (``on_train_batch_start`` to ``on_train_batch_end``:
@@ -48,7 +50,7 @@ SIZES: dict[str, dict[str, int]] = {
     "0.6M": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 512},
     "7M": {"hidden_size": 384, "num_layers": 4, "num_heads": 6, "intermediate_size": 1536},
 }
-CONFIGS = ("lora", "dp_lora", "dp_lora_ghost")
+CONFIGS = ("lora", "dp_lora", "dp_lora_ghost", "dp_lora_bk")
 FULL = ("full", "dp_full")
 
 
@@ -98,7 +100,7 @@ def _timed_fit(name: str, cfg: dict[str, Any], steps: int, warmup: int, model: A
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
     if name.startswith("dp_"):
-        mode = "ghost" if name.endswith("ghost") else "hooks"
+        mode = {"ghost": "ghost", "bk": "bookkeeping"}.get(name.rsplit("_", 1)[-1], "hooks")
         callbacks.insert(0, DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode))
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=steps + warmup, limit_val_batches=0, num_sanity_val_steps=0,

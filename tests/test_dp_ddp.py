@@ -164,8 +164,9 @@ class WeightSaver(pl.Callback):
         )
 
 
-def test_ddp_ghost_clipping_on_a_hf_causal_lm(tmp_path):
-    dp = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="ghost")
+@pytest.mark.parametrize("mode", ["ghost", "bookkeeping"])
+def test_ddp_ghost_and_bookkeeping_clipping_on_a_hf_causal_lm(tmp_path, mode):
+    dp = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode=mode)
     trainer = pl.Trainer(
         accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=3, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

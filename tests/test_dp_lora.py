@@ -347,7 +347,8 @@ def test_without_peft_lora_is_one_error_naming_the_extra_and_full_fine_tuning_st
     assert all(p.requires_grad for p in _module(lora=None).parameters())
 
 
-def test_auto_route_picks_hooks_for_adapters_where_it_picks_ghost_for_the_full_model():
+def test_auto_route_picks_hooks_for_adapters_where_it_picks_ghost_for_the_full_model(monkeypatch):
+    import antimemo.dp.bookkeeping as bk
     from antimemo.dp.routes import choose_route
 
     sizes = {"hidden_size": 384, "num_layers": 4, "num_heads": 6, "intermediate_size": 1536, "max_position_embeddings": 64}
@@ -356,6 +357,10 @@ def test_auto_route_picks_hooks_for_adapters_where_it_picks_ghost_for_the_full_m
     # auto switches to ghost only when hooks' per-sample gradients would not fit (docs/dp.md "Gradient modes"):
     # the adapters' are tiny, so hooks stays (measured: ghost 1.92x, hooks 1.10x a LoRA step, docs/benchmarks.md
     # "DP with LoRA"), while the full model's (16 x 9.6M floats) would not fit in 64 MB
+    # book-keeping, where valid, comes first for both (the adapters and the full model are nn.Linear / nn.Embedding)
+    assert choose_route(adapters, None, 16, 64 * 2**20).route == "bookkeeping"
+    assert choose_route(full, None, 16, 64 * 2**20).route == "bookkeeping"
+    monkeypatch.setattr(bk, "bookkeeping_blocker", lambda module: "blocked by the test")
     assert choose_route(adapters, None, 16, 64 * 2**20).route == "hooks"
     assert choose_route(full, None, 16, 64 * 2**20).route == "ghost"
 

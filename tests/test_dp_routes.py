@@ -39,7 +39,25 @@ def _gpt2() -> nn.Module:
 GB = 2**30
 
 
-def test_auto_takes_hooks_while_its_per_sample_gradients_fit_and_ghost_when_they_do_not():
+def _no_bookkeeping(monkeypatch):
+    """Make book-keeping unavailable, so that auto's memory rule (hooks, else ghost) decides."""
+    import antimemo.dp.bookkeeping as bk
+
+    monkeypatch.setattr(bk, "bookkeeping_blocker", lambda module: "blocked by the test")
+
+
+def test_auto_takes_bookkeeping_where_it_is_valid_and_says_why_not_elsewhere():
+    for lm in (_llama(), nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10))):
+        choice = choose_route(lm, None, 16, 1)  # memory does not matter: no per-sample gradients are stored
+        assert choice.route == "bookkeeping" and "one backward pass" in choice.reason
+    tied = choose_route(_llama(tie=True), "parameters shared between layers (tied embeddings)", 16, 8 * GB)
+    assert tied.route == "hooks" and tied.reason.startswith("book-keeping is not possible (a parameter is shared by the layers")
+    gpt2 = choose_route(_gpt2(), None, 16, 8 * GB)  # Conv1D layers: Opacus samplers, not book-keeping's fast path
+    assert gpt2.route == "hooks" and "sit in nn.Linear / nn.Embedding layers" in gpt2.reason
+
+
+def test_auto_takes_hooks_while_its_per_sample_gradients_fit_and_ghost_when_they_do_not(monkeypatch):
+    _no_bookkeeping(monkeypatch)
     lm = _llama()
     n = sum(p.numel() for p in lm.parameters())
     assert per_sample_gradient_bytes(lm, 16) == 16 * n * 4
@@ -61,7 +79,8 @@ def test_auto_takes_hooks_while_its_per_sample_gradients_fit_and_ghost_when_they
         (lambda: nn.ModuleList([_llama(), _llama()]), 8, True, "2 Hugging Face causal LMs"),
     ],
 )
-def test_auto_picks_hooks_where_ghost_is_invalid(model, seq_len, loss_is_lm_loss, reason):
+def test_auto_picks_hooks_where_ghost_is_invalid(model, seq_len, loss_is_lm_loss, reason, monkeypatch):
+    _no_bookkeeping(monkeypatch)
     m = model()
     blocker = ghost_blocker(m, loss_is_lm_loss)
     assert blocker is not None and reason in blocker
@@ -69,7 +88,8 @@ def test_auto_picks_hooks_where_ghost_is_invalid(model, seq_len, loss_is_lm_loss
     assert choice.route == "hooks" and reason in choice.reason
 
 
-def test_auto_keeps_hooks_for_gpt2_conv1d_even_when_memory_is_tight():
+def test_auto_keeps_hooks_for_gpt2_conv1d_even_when_memory_is_tight(monkeypatch):
+    _no_bookkeeping(monkeypatch)
     gpt2 = _gpt2()
     assert ghost_blocker(gpt2, True) is None  # valid for ghost, but its Conv1D layers have no ghost norm sampler
     choice = choose_route(gpt2, None, 16, 1)
@@ -82,11 +102,11 @@ def test_lora_adapters_need_little_per_sample_memory():
     lora = peft.get_peft_model(_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     # only the adapters train: Linear(64, 4) and Linear(4, 64) for q and v
     assert per_sample_gradient_bytes(lora, 16) == 16 * 2 * (64 * 4 + 4 * 64) * 4
-    assert choose_route(lora, None, 16, 64 * 2**20).route == "hooks"
+    assert choose_route(lora, None, 16, 64 * 2**20).route == "bookkeeping"  # the adapters are nn.Linear
 
 
 def test_unknown_mode_names_the_valid_ones():
-    with pytest.raises(ValueError, match=r"grad_sample_mode must be one of \('hooks', 'functorch', 'ghost', 'auto'\), got 'ew'"):
+    with pytest.raises(ValueError, match=r"grad_sample_mode must be one of \('hooks', 'functorch', 'ghost', 'bookkeeping', 'auto'\), got 'ew'"):
         DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="ew")
     assert DifferentialPrivacy(noise_multiplier=1.0).grad_sample_mode == "hooks"  # the default is unchanged
     auto = DifferentialPrivacy(noise_multiplier=1.0, grad_sample_mode="auto")
@@ -166,6 +186,7 @@ def _fit(mode: str, seq_len: int):
 
 
 def test_auto_trains_with_ghost_when_memory_is_tight_and_accounts_as_ghost(monkeypatch):
+    _no_bookkeeping(monkeypatch)
     monkeypatch.setattr(routes, "available_memory", lambda device: 1024)  # hooks' per-sample gradients cannot fit
     monkeypatch.setattr("antimemo.callbacks.dp.available_memory", lambda device: 1024)
     with _Records() as logs:
@@ -184,7 +205,20 @@ def test_auto_trains_with_ghost_when_memory_is_tight_and_accounts_as_ghost(monke
     assert float(trainer.callback_metrics["dp/epsilon"]) == pytest.approx(auto.epsilon)
 
 
-def test_auto_trains_with_hooks_when_per_sample_gradients_fit():
+def test_auto_trains_with_bookkeeping_and_accounts_as_hooks():
+    with _Records() as logs:
+        auto, spy, trainer = _fit("auto", seq_len=16)
+    assert auto.route == "bookkeeping" and "one backward pass" in auto.route_reason
+    assert any("grad_sample_mode='auto' chose 'bookkeeping'" in r.getMessage() for r in logs.records)
+    assert not spy.shapes and not spy.norms  # neither per-sample gradients nor Opacus' norm samples
+    assert auto.guarantee()["grad_sample_mode"] == "bookkeeping"
+    hooks, _, _ = _fit("hooks", seq_len=16)
+    assert auto.history == hooks.history and auto.epsilon == pytest.approx(hooks.epsilon)
+    assert float(trainer.callback_metrics["dp/epsilon"]) == pytest.approx(auto.epsilon)
+
+
+def test_auto_trains_with_hooks_when_per_sample_gradients_fit(monkeypatch):
+    _no_bookkeeping(monkeypatch)
     with _Records() as logs:
         auto, spy, _ = _fit("auto", seq_len=16)
     assert auto.route == "hooks" and "fit in 50%" in auto.route_reason

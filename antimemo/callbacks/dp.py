@@ -57,6 +57,7 @@ from antimemo.dp.loader import poisson_loader
 from antimemo.dp.routes import available_memory, choose_route, ghost_blocker
 from antimemo.dp.validate import check_no_tied_ghost, validate_model
 from antimemo.sampling import DedupSampler
+from antimemo.dp.bookkeeping import BookKeeping, bookkeeping_optimizer_class
 from antimemo.dp.sampler import EmptySafeCollate, PoissonBatchSampler, mix_seed
 from antimemo.callbacks._interactions import check_composition, declare
 
@@ -457,7 +458,9 @@ class DifferentialPrivacy(pl.Callback):
         self.fixed_layers = validate_model(pl_module, self.fix) or self.fixed_layers
         if self._hooks is None:
             self._resolve_route(trainer, pl_module)
-            if self.route == "ghost":
+            if self.route == "bookkeeping":
+                self._hooks = BookKeeping(pl_module).attach()
+            elif self.route == "ghost":
                 check_no_tied_ghost(pl_module)
                 self._hooks = GradSampleHooksFastGradientClipping(
                     pl_module,
@@ -498,7 +501,10 @@ class DifferentialPrivacy(pl.Callback):
                     )
         self.noise_multiplier = self._resolve_noise(trainer)
         distributed = self.world_size > 1
-        cls = get_optimizer_class(clipping="flat", distributed=distributed, grad_sample_mode=self.route)
+        if self.route == "bookkeeping":
+            cls = bookkeeping_optimizer_class(distributed)
+        else:
+            cls = get_optimizer_class(clipping="flat", distributed=distributed, grad_sample_mode=self.route)
         generator = None
         if self.secure_mode:
             import torchcsprng as csprng
@@ -521,6 +527,8 @@ class DifferentialPrivacy(pl.Callback):
             generator=generator,
             secure_mode=self.secure_mode,
         )
+        if self.route == "bookkeeping":
+            dp_opt.bookkeeping = self._hooks
         dp_opt.attach_step_hook(self._after_noise)
         self._original_optimizer = original
         self._dp_optimizer = dp_opt
@@ -875,6 +883,8 @@ class DifferentialPrivacy(pl.Callback):
         if self._placeholder:
             self._batch_size = 1
         self._steps_before_batch = self.steps
+        if isinstance(self._hooks, BookKeeping):
+            self._hooks.clear()  # only this batch's backward pass may feed its DP step
         for seam in self._seams:
             seam.open((trainer.global_step, batch_idx))
 
@@ -901,6 +911,8 @@ class DifferentialPrivacy(pl.Callback):
         if not params:
             raise RuntimeError("DifferentialPrivacy: the optimizer has no trainable parameters")
         for p in params:  # the parameter's name is looked up only for an error (a lookup walks every module)
+            if self.route == "bookkeeping":
+                break  # BookKeeping checks its captures itself when the DP optimizer asks for the clipped sums
             if ghost:
                 ns = getattr(p, "_norm_sample", None)
                 if ns is None or ns.shape[0] != b:
@@ -919,7 +931,7 @@ class DifferentialPrivacy(pl.Callback):
                     "loss, the forward pass bypassed the LightningModule's submodules, or a module broadcasts over "
                     "the batch (e.g. position ids of shape [1, S])"
                 )
-        if not ghost and not self._checked_sum and b:
+        if self.route in ("hooks", "functorch") and not self._checked_sum and b:
             self._check_per_sample_sum(trainer, params, b)
             self._checked_sum = True
         if self._seams and not self._warned_loss and not any(seam.calls for seam in self._seams):
@@ -1005,7 +1017,10 @@ class DifferentialPrivacy(pl.Callback):
         if stage != "fit":
             return
         if self._hooks is not None:
-            self._hooks.cleanup()
+            if isinstance(self._hooks, BookKeeping):
+                self._hooks.detach()
+            else:
+                self._hooks.cleanup()
             self._hooks = None
         for h in self._pos_handles:
             h.remove()

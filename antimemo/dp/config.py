@@ -9,7 +9,7 @@ from antimemo.dp.accounting import ACCOUNTANTS
 
 __all__ = ["GRAD_SAMPLE_MODES", "check_dp_arguments"]
 
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "auto")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost", "bookkeeping", "auto")
 
 
 def check_dp_arguments(

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "BOOKKEEPING_MIN_SHARE",
     "HOOKS_MEMORY_FACTOR",
     "MEMORY_SHARE",
     "ROUTES",
@@ -44,7 +45,7 @@ __all__ = [
 ]
 
 #: the routes ``grad_sample_mode`` accepts besides ``"auto"``
-ROUTES = ("hooks", "functorch", "ghost")
+ROUTES = ("hooks", "functorch", "ghost", "bookkeeping")
 
 #: hooks' extra memory over plain training, as a multiple of its per-sample gradients
 #: ``batch x trainable parameters x element size``: 1.6 measured at 7M x batch 16 (1,067 MB over
@@ -53,6 +54,10 @@ HOOKS_MEMORY_FACTOR = 2.0
 
 #: ``auto`` takes ghost when hooks' extra memory would pass this share of the available memory
 MEMORY_SHARE = 0.5
+
+#: book-keeping is chosen only when at least this share of the trainable parameters sits in
+#: ``nn.Linear`` / ``nn.Embedding`` layers (others get per-sample gradients from Opacus' samplers)
+BOOKKEEPING_MIN_SHARE = 0.9
 
 #: ghost is chosen only when at least this share of the trainable parameters sits in layers with
 #: a ghost norm sampler (others build per-sample gradients anyway, and ghost adds a backward pass)
@@ -143,7 +148,8 @@ def ghost_blocker(module: nn.Module, loss_is_lm_loss: bool) -> str | None:
 def choose_route(
     module: nn.Module, ghost_blocker: str | None, expected_batch: float, available: int | None
 ) -> RouteChoice:
-    """Pick the per-sample-gradient route for ``module``: ``hooks`` unless it would not fit in memory.
+    """Pick the per-sample-gradient route for ``module``: ``bookkeeping`` where it is valid, else
+    ``hooks`` unless it would not fit in memory, then ``ghost``.
 
     Args:
         module: the model (its trainable parameters decide).
@@ -153,16 +159,41 @@ def choose_route(
         available: bytes available on the training device (:func:`available_memory`), or ``None``.
 
     Returns:
-        ``RouteChoice("hooks" | "ghost", reason)``. ``"functorch"`` is never picked: it was the
-        slowest route wherever it was measured.
+        ``RouteChoice("bookkeeping" | "hooks" | "ghost", reason)``. ``"bookkeeping"`` whenever
+        :func:`~antimemo.dp.bookkeeping.bookkeeping_blocker` finds nothing against it and at least
+        :data:`BOOKKEEPING_MIN_SHARE` of the trainable parameters sit in ``nn.Linear`` /
+        ``nn.Embedding`` layers: it was the fastest route where measured, and its memory lies
+        between ghost's and hooks'. ``"functorch"`` is never picked: it was the slowest route
+        wherever it was measured.
 
     Example:
         >>> lm = nn.Sequential(nn.Embedding(257, 128), nn.Linear(128, 512), nn.Linear(512, 128))
+        >>> choose_route(lm, None, 16, 8 * 2**30).route
+        'bookkeeping'
+        >>> _ = lm.append(nn.PReLU())  # a layer with no book-keeping rule and no Opacus grad sampler
         >>> choose_route(lm, None, 16, 8 * 2**30).route, choose_route(lm, None, 16, 2**20).route
         ('hooks', 'ghost')
         >>> choose_route(lm, "the loss is not the LM's", 16, 2**20).route
         'hooks'
     """
+    from antimemo.dp.bookkeeping import bookkeeping_blocker, bookkeeping_share
+
+    bk_blocker = bookkeeping_blocker(module)
+    if bk_blocker is None:
+        share = bookkeeping_share(module)
+        if share >= BOOKKEEPING_MIN_SHARE:
+            return RouteChoice(
+                "bookkeeping",
+                f"book-keeping clips {share:.0%} of the trainable parameters from one backward pass without "
+                "per-sample gradients (nn.Linear / nn.Embedding), the fastest route in the measurements",
+            )
+        bk_blocker = f"only {share:.0%} of the trainable parameters sit in nn.Linear / nn.Embedding layers"
+    choice = _memory_route(module, ghost_blocker, expected_batch, available)
+    return RouteChoice(choice.route, f"book-keeping is not possible ({bk_blocker}); {choice.reason}")
+
+
+def _memory_route(module: nn.Module, ghost_blocker: str | None, expected_batch: float, available: int | None) -> RouteChoice:
+    """Without book-keeping: ``hooks`` unless its per-sample gradients would not fit, then ``ghost``."""
     need = HOOKS_MEMORY_FACTOR * per_sample_gradient_bytes(module, expected_batch)
     if available is None:
         return RouteChoice("hooks", "the memory available on the device is unknown; hooks is the faster route")
