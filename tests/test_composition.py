@@ -163,6 +163,9 @@ def _member(name, partner=None):
     if name == "dp":
         # reproducible noise: the spectral-norm check compares weights with the same run without the penalty
         return [DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, reproducible_noise=True)]
+    if name == "dp_bk":  # the same DP with book-keeping clipping (grad_sample_mode='bookkeeping')
+        return [DifferentialPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, reproducible_noise=True,
+                                    grad_sample_mode="bookkeeping")]  # fmt: skip
     if name == "loss_floor":
         return [LossFloor(floor=100.0)]
     if name == "loss_truncation":
@@ -275,6 +278,24 @@ def test_pair(a, b):
     trainer, module, rec = _fit([a, b])
     for name, partner in ((a, b), (b, a)):
         _check_effect(name, trainer, module, rec, partner)
+
+
+BK_PARTNERS = [n for n in LM if n != "dp"]
+
+
+@pytest.mark.parametrize("partner", BK_PARTNERS)
+def test_bookkeeping_dp_pairs(partner):
+    """DP with book-keeping patches the layers' forward and computes the clipped sum itself: every
+    partner still works beside it (or is refused exactly as beside DP with hooks)."""
+    if frozenset({"dp", partner}) in REFUSED:
+        with pytest.raises(CompositionError, match="DifferentialPrivacy"):
+            _fit(["dp_bk", partner])
+        return
+    trainer, module, rec = _fit(["dp_bk", partner])
+    assert _get(trainer, DifferentialPrivacy).route == "bookkeeping"
+    _check_effect("dp", trainer, module, rec, partner)
+    _check_effect(partner, trainer, module, rec, "dp_bk")
+    assert not any("forward" in sub.__dict__ for sub in module.modules())  # the patches are gone after fit
 
 
 def test_the_matrix_covers_every_declared_lm_callback():
