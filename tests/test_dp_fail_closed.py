@@ -264,6 +264,34 @@ def test_unfreezing_a_layer_mid_run_is_named():
     assert dp.steps == 2  # the two steps before the unfreeze were private
 
 
+class WritesFrozen(Toy):
+    """The first layer is frozen (as a LoRA base model is); training_step writes it through p.data."""
+
+    def __init__(self, at_batch: int):
+        super().__init__()
+        self.net[0].requires_grad_(False)
+        self.at_batch = at_batch
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.at_batch:
+            with torch.no_grad():
+                self.net[0].weight.data.add_(batch[0].mean())  # data-dependent, outside any DP step
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "bookkeeping"])
+def test_a_write_to_a_frozen_parameter_is_refused_at_the_end_of_its_batch(mode):
+    """Frozen weights are checked once per batch (not before and after every step, as trainable ones):
+    the write is still refused, in the batch it happens, naming the parameter."""
+    dp = _dp(grad_sample_mode=mode)
+    with pytest.raises(RuntimeError, match=r"net\.0\.weight changed during this batch \(it was frozen at fit start"):
+        _fit(dp, model=WritesFrozen(at_batch=3))
+    assert dp.steps == 4  # batches 0-3 stepped; the end of batch 3 refused
+    dp = _dp(grad_sample_mode=mode)
+    _fit(dp, model=WritesFrozen(at_batch=-1))  # no write: trains through
+    assert dp.steps == 8
+
+
 # ---------------------------------------------------------------- 5. the guarantee in the report
 
 

@@ -284,8 +284,10 @@ class DifferentialPrivacy(pl.Callback):
         self._ckpt_global_step: int | None = None
         self._state_loaded = False
         self._trainable_at_start: set[int] = set()
-        self._watched: list[Tensor] = []
+        self._watched: list[Tensor] = []  # trainable at fit start: checked before and after every DP step
         self._fingerprint: tuple[tuple[int, ...], Tensor] | None = None
+        self._frozen: list[Tensor] = []  # frozen at fit start: no step may change them, checked once per batch
+        self._frozen_fingerprint: tuple[tuple[int, ...], Tensor] | None = None
         self._dp_step_ready = False
         self._opt_handles: list[Any] = []
         self._steps_before_batch = 0
@@ -543,7 +545,9 @@ class DifferentialPrivacy(pl.Callback):
             original.register_step_post_hook(self._after_original_step),
         ]
         self._trainable_at_start = set(trainable)
-        self._watched = list(pl_module.parameters())
+        self._watched = [p for p in pl_module.parameters() if id(p) in trainable]
+        self._frozen = [p for p in pl_module.parameters() if id(p) not in trainable]
+        self._frozen_fingerprint = self._take_fingerprint(self._frozen)
 
         from torch.nn.parallel import DistributedDataParallel
 
@@ -660,7 +664,7 @@ class DifferentialPrivacy(pl.Callback):
         return "secret (seeded from the OS entropy source)"
 
     # ------------------------------------------------------------------ parameter changes outside the DP step
-    def _take_fingerprint(self) -> tuple[tuple[int, ...], Tensor] | None:
+    def _take_fingerprint(self, params: list[Tensor] | None = None) -> tuple[tuple[int, ...], Tensor] | None:
         """Version counters and a bit-exact checksum of every parameter: one read of the weights.
 
         The version counters see every in-place update except writes to ``p.data`` and fused
@@ -672,7 +676,7 @@ class DifferentialPrivacy(pl.Callback):
         which missed sign flips): the profile in docs/benchmarks.md "DP-SGD routes" showed them at
         about 18% of a DP step of the 7M model.
         """
-        params = self._watched
+        params = self._watched if params is None else params
         if not params:
             return None
         versions = tuple(int(p._version) for p in params)
@@ -680,20 +684,29 @@ class DifferentialPrivacy(pl.Callback):
             sums = [_bit_checksum(p.detach()) for p in params]
         return versions, torch.stack([s.to(sums[0].device) for s in sums])
 
-    def _check_fingerprint(self, when: str) -> None:
-        before = self._fingerprint
+    def _check_fingerprint(self, when: str, frozen: bool = False) -> None:
+        """Refuse if a parameter changed since the last DP step (``frozen``: since fit start).
+
+        Trainable parameters are compared before each DP step and at batch end with the
+        fingerprint taken after the previous step. Frozen ones (e.g. a LoRA base model: 97% of the
+        weights of the 7M LoRA benchmark) cannot be changed by any DP step, so they are compared
+        once per batch, at its end, with the fingerprint of fit start: a write to one is refused
+        at the end of the batch it happens in, before any checkpoint callback runs.
+        """
+        params = self._frozen if frozen else self._watched
+        before = self._frozen_fingerprint if frozen else self._fingerprint
         if before is None:
             return
-        now = self._take_fingerprint()
+        now = self._take_fingerprint(params)
         assert now is not None
         same_values = before[1] == now[1]
         if before[0] == now[0] and bool(same_values.all()):
             return
         changed = [
-            self._param_name(p)
-            for i, p in enumerate(self._watched)
-            if before[0][i] != now[0][i] or not bool(same_values[i])
+            self._param_name(p) for i, p in enumerate(params) if before[0][i] != now[0][i] or not bool(same_values[i])
         ]
+        if frozen:
+            when = "during this batch (it was frozen at fit start, so no DP step may change it)"
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise RuntimeError(
             f"DifferentialPrivacy: parameter(s) {shown} changed {when} without going through the DP optimizer's step "
@@ -981,6 +994,7 @@ class DifferentialPrivacy(pl.Callback):
         for seam in self._seams:
             seam.close()
         self._check_fingerprint("after this batch's DP step")
+        self._check_fingerprint("", frozen=True)
         self._dp_step_ready = False
         taken = self.steps - self._steps_before_batch
         if taken != 1:
@@ -1049,8 +1063,8 @@ class DifferentialPrivacy(pl.Callback):
             handle.remove()
         self._opt_handles = []
         self._dp_step_ready = False
-        self._fingerprint = None
-        self._watched = []
+        self._fingerprint = self._frozen_fingerprint = None
+        self._watched, self._frozen = [], []
         for attr in ("_loader_handle", "_grad_handle"):
             handle = getattr(self, attr)
             if handle is not None:
