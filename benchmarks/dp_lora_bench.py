@@ -17,8 +17,8 @@ forward, backward, per-sample clipping, noise, optimizer step and the callback's
 first ``--warmup`` steps are dropped; a run's figure is the median of the rest. Configurations run
 in turn ``--repeats`` times (interleaved, so drift on a shared machine hits all of them); the table
 gives the median over repeats and the ratio to ``lora`` (or ``full``), and each process's peak RSS
-(``ru_maxrss``) and its rise during the fit. ``--profile`` also prints a torch-profiler table of
-``dp_lora`` steps.
+(``ru_maxrss``) and its rise during the fit. ``--profile`` also prints torch-profiler tables of
+``lora``, ``dp_lora`` and ``dp_lora_bk`` steps.
 
 ``--paired ROUNDS`` times instead, in ONE process per size, ROUNDS rounds of short fits of every
 configuration in turn and reports the median of the per-round ratios: on a shared machine, fits
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[size][name].append(r)
                 print(f"{size} rep {rep} {name}: {r['median_step_s'] * 1000:.1f} ms/step (batch {r['mean_batch']:.1f})", flush=True)
         if args.profile:
-            for name in ("lora", "dp_lora"):
+            for name in ("lora", "dp_lora", "dp_lora_bk"):
                 r = _run_child({"name": name, "config": cfg, "steps": args.steps, "warmup": args.warmup, "profile": True})
                 print(f"\n### profile {size} {name} ({r['steps'] + args.warmup} steps)\n{r['profile']}")
     load_after = os.getloadavg()

@@ -54,6 +54,8 @@ def bk_sums(model: nn.Module, ids: torch.Tensor, c: float, forward) -> tuple[dic
     forward(model, ids).mean().backward()
     sums = bk.clipped_sums(c)
     norms = bk.last_norms
+    # no autograd graph through the kept activations (one would hold every activation of the step alive)
+    assert norms.grad_fn is None and not any(t.requires_grad for t in sums.values())
     bk.detach()
     for p in model.parameters():
         p.grad = None

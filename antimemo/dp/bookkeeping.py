@@ -67,8 +67,10 @@ class _Record:
         self.tasks: list[int] = []  # the autograd graph task (one per .backward() call) of each capture
 
     def add(self, inputs: Any, grad: Tensor) -> None:
-        self.inputs.append(inputs)
-        self.grads.append(grad)
+        # detached: the activations require grad, and the norms and sums computed from them later
+        # must not record an autograd graph (which would keep every activation alive through them)
+        self.inputs.append(inputs.detach() if isinstance(inputs, Tensor) else inputs)
+        self.grads.append(grad.detach())
         self.tasks.append(int(torch._C._current_graph_task_id()))
 
     def clear(self) -> None:
@@ -353,6 +355,7 @@ class BookKeeping:
                         "clip, or the gradients were not zeroed before backward. Use grad_sample_mode='hooks'"
                     )
 
+    @torch.no_grad()
     def clipped_sums(self, max_grad_norm: float) -> dict[nn.Parameter, Tensor]:
         """Per-sample norms over all trainable parameters, and each parameter's clipped sum."""
         self._check_no_autograd_grads()

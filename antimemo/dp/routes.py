@@ -1,6 +1,6 @@
 """Which per-sample-gradient route DP-SGD should take for a model (no Lightning).
 
-Opacus offers three routes that :class:`~antimemo.callbacks.dp.DifferentialPrivacy` can use:
+:class:`~antimemo.callbacks.dp.DifferentialPrivacy` can use three Opacus routes and one of ours:
 
 - ``"hooks"``: per-layer grad samplers build the ``[B, *p.shape]`` per-sample gradient of every
   parameter (for ``nn.Linear`` on sequences, ``einsum("n...i,n...j->nij")``: ``T * d_in * d_out``
@@ -12,12 +12,17 @@ Opacus offers three routes that :class:`~antimemo.callbacks.dp.DifferentialPriva
   second backward pass with the per-sample loss weighted by its clipping factor. No per-sample
   gradients are stored. Layers without a norm sampler (e.g. ``LlamaRMSNorm``, HF ``Conv1D``)
   build their per-sample gradients and take the norms ("fast gradient clipping").
+- ``"bookkeeping"`` (ours, :mod:`antimemo.dp.bookkeeping`): ghost norms and the clipped sum from
+  **one** backward pass: each linear layer's input and output gradient are kept, the norms are
+  ghost norms and the clipped sum ``(c * G)^T A`` replaces autograd's weight gradient. No
+  per-sample gradients, no second backward; on CPU it was the fastest route wherever measured.
 
 ``ExpandedWeights`` (Opacus' ``"ew"``) is not offered: it needs Opacus' module wrapper, and on
 the Llama models of the recipes it cannot run at all (``LlamaRMSNorm`` multiplies its weight with
 ``mul``: "Expanded Weights encountered but cannot handle function mul").
 
-:func:`choose_route` (``grad_sample_mode="auto"``) is set by the measurements in
+:func:`choose_route` (``grad_sample_mode="auto"``) takes ``bookkeeping`` where it is valid; otherwise
+the choice between the Opacus routes is set by the measurements in
 docs/benchmarks.md "DP-SGD routes": on CPU, ``ghost`` was slower than ``hooks`` at 0.6M (64 and
 256 tokens) and at 7M x 256 tokens, and erratic at 7M x 64 (faster in 3 of 8 same-repeat pairs,
 up to 9x a plain step in others); ghost's one robust gain is memory (at 7M x batch 64
