@@ -32,6 +32,9 @@ just before ``fit`` (the model, data and imports already loaded): the training's
 whose per-sample gradients alone (``batch x parameters x 4 bytes``, hooks / functorch) would pass
 ``--mem-budget-gb`` are not run; the table says so.
 
+``--paired ROUNDS`` fits the routes of one cell in turn in one process, ROUNDS times, and reports
+the ratio to ``plain`` per round and per row of the batch (:func:`paired`).
+
 ``--profile`` instead runs ``torch.profiler`` over a few DP steps of one configuration (default 7M,
 seq 64, batch 16, routes hooks and ghost) and prints where the step time goes: per-sample gradients
 by layer type, clipping (per-sample norms and the clipped sum), noise, the optimizer update, the
@@ -183,6 +186,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         chosen = next(cb.route for cb in trainer.callbacks if hasattr(cb, "route"))
     times = timer.times[spec["warmup"]:]
     return {
+        "times": times,
+        "sizes": timer.sizes[spec["warmup"]:],
         "median_step_s": statistics.median(times),
         "mean_batch": statistics.fmean(timer.sizes[spec["warmup"]:]),
         "steps": len(times),
@@ -338,6 +343,58 @@ def profile(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({"profile": out, "config": cfg, "machine": machine(args.device)}, indent=2))
 
 
+def paired(args: argparse.Namespace) -> None:
+    """``--paired ROUNDS``: every route of one cell fitted in turn in THIS process, ROUNDS times.
+
+    Separate processes on a small VM differ by 10-20% in plain step time alone (allocator and
+    cache state), which swamps a 1.3x-or-not question; fits seconds apart in one process do not.
+    Per round: the ratio of the route's median step to plain's, and the same per row of the batch
+    (the median over steps of ``time / batch size``: DP batches are Poisson draws of varying size,
+    plain batches are exactly ``batch``). The table gives the medians over rounds."""
+    _quiet()
+    size, seq, batch = args.sizes.split(",")[0], int(args.seq_lens.split(",")[0]), int(args.batch_sizes.split(",")[0])
+    cfg = build_config(args.config, size, seq, batch)
+    routes = [r for r in args.routes.split(",") if r != "ew"]
+    if "plain" not in routes:
+        raise SystemExit("--paired needs plain among --routes (the ratios are to plain)")
+    steps = steps_for(size, seq, batch, args.steps)
+    rounds: list[dict[str, dict[str, float]]] = []
+    load0 = os.getloadavg()
+    for r in range(args.paired):
+        row: dict[str, dict[str, float]] = {}
+        for route in routes:
+            out = child({"route": route, "config": cfg, "steps": steps, "warmup": args.warmup, "device": args.device})
+            per_row = statistics.median(t / max(b, 1) for t, b in zip(out["times"], out["sizes"]))
+            row[route] = {"step": out["median_step_s"], "per_row": per_row, "batch": out["mean_batch"]}
+        for route in routes:
+            row[route]["ratio"] = row[route]["step"] / row["plain"]["step"]
+            row[route]["ratio_per_row"] = row[route]["per_row"] / row["plain"]["per_row"]
+        rounds.append(row)
+        print(f"round {r}: " + ", ".join(f"{k} {v['step'] * 1e3:.0f} ms (x{v['ratio']:.2f}, per row x{v['ratio_per_row']:.2f}, "
+                                          f"batch {v['batch']:.1f})" for k, v in row.items()), flush=True)  # fmt: skip
+    print(f"\n{size} x seq {seq} x batch {batch}, {args.paired} rounds of {steps} timed steps after {args.warmup} warm-up, "
+          f"one process; load {load0[0]:.2f} -> {os.getloadavg()[0]:.2f}")  # fmt: skip
+    print("| route | step (ms, median over rounds) | ratio vs plain (median of per-round) | per round | ratio per row | mean batch |")
+    print("|---|---|---|---|---|---|")
+    summary = {}
+    for route in routes:
+        ratios = [rd[route]["ratio"] for rd in rounds]
+        per_row = [rd[route]["ratio_per_row"] for rd in rounds]
+        summary[route] = {
+            "step_ms": 1e3 * statistics.median(rd[route]["step"] for rd in rounds),
+            "ratio": statistics.median(ratios),
+            "ratios": ratios,
+            "ratio_per_row": statistics.median(per_row),
+            "mean_batch": statistics.fmean(rd[route]["batch"] for rd in rounds),
+        }
+        v = summary[route]
+        print(f"| {route} | {v['step_ms']:.0f} | {v['ratio']:.2f} | {', '.join(f'{x:.2f}' for x in ratios)} | "
+              f"{v['ratio_per_row']:.2f} | {v['mean_batch']:.1f} |")  # fmt: skip
+    print("machine:", machine(args.device))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"paired": summary, "rounds": rounds, "config": cfg, "machine": machine(args.device)}, indent=2))
+
+
 def machine(device: str) -> dict[str, Any]:
     return {
         "platform": platform.platform(),
@@ -364,6 +421,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per configuration")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of one configuration")
+    ap.add_argument("--paired", type=int, default=0, metavar="ROUNDS",
+                    help="time the routes of the first size/seq/batch in ONE process, ROUNDS rounds (ratios per round)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -374,6 +433,9 @@ def main() -> None:
         bad = [v for v in values.split(",") if v not in valid]
         if bad:
             ap.error(f"{name} got {bad}; valid values are {sorted(valid)}")
+    if args.paired:
+        paired(args)
+        return
     if args.profile:
         if args.routes == ap.get_default("routes"):
             args.routes = "hooks,ghost"

@@ -15,7 +15,8 @@
 - ``"bookkeeping"`` (ours, :mod:`antimemo.dp.bookkeeping`): ghost norms and the clipped sum from
   **one** backward pass: each linear layer's input and output gradient are kept, the norms are
   ghost norms and the clipped sum ``(c * G)^T A`` replaces autograd's weight gradient. No
-  per-sample gradients, no second backward; on CPU it was the fastest route wherever measured.
+  per-sample gradients, no second backward; on CPU it was the fastest route in every measured
+  cell but 30M x 256 tokens, where it matched hooks per row with less memory.
 
 ``ExpandedWeights`` (Opacus' ``"ew"``) is not offered: it needs Opacus' module wrapper, and on
 the Llama models of the recipes it cannot run at all (``LlamaRMSNorm`` multiplies its weight with
@@ -167,9 +168,9 @@ def choose_route(
         ``RouteChoice("bookkeeping" | "hooks" | "ghost", reason)``. ``"bookkeeping"`` whenever
         :func:`~antimemo.dp.bookkeeping.bookkeeping_blocker` finds nothing against it and at least
         :data:`BOOKKEEPING_MIN_SHARE` of the trainable parameters sit in ``nn.Linear`` /
-        ``nn.Embedding`` layers: it was the fastest route where measured, and its memory lies
-        between ghost's and hooks'. ``"functorch"`` is never picked: it was the slowest route
-        wherever it was measured.
+        ``nn.Embedding`` layers: it was the fastest route in the measurements (docs/benchmarks.md),
+        and its memory lies between ghost's and hooks'. ``"functorch"`` is never picked: it was
+        the slowest route wherever it was measured.
 
     Example:
         >>> lm = nn.Sequential(nn.Embedding(257, 128), nn.Linear(128, 512), nn.Linear(512, 128))
