@@ -166,13 +166,16 @@ class DifferentialPrivacy(pl.Callback):
         accountant: ``"prv"`` (default, tightest), ``"rdp"`` or ``"gdp"`` (Opacus accountants).
         poisson_sampling: must be ``True``: the accountants assume Poisson sampling, and fixed-size
             shuffled batches make their epsilon an underestimate.
-        grad_sample_mode: ``"auto"`` (at fit start, :func:`~antimemo.dp.routes.choose_route`:
+        grad_sample_mode: ``"hooks"`` (default: Opacus' per-layer grad samplers, functorch for
+            layers without one), ``"bookkeeping"`` (the same clipping from one backward pass:
+            ghost norms and the clipped sum from each layer's kept input and output gradient,
+            :mod:`antimemo.dp.bookkeeping`; the fastest route measured), ``"functorch"``
+            (functorch for every layer), ``"ghost"`` (ghost clipping: per-sample gradient *norms*
+            only, two backward passes, much less memory; needs Hugging Face causal LMs whose loss
+            comes from ``labels=``, see the docs) or ``"auto"`` (at fit start,
+            :func:`~antimemo.dp.routes.choose_route`: ``"bookkeeping"`` where it is valid, else
             ``"hooks"``, or ``"ghost"`` where hooks' per-sample gradients would not fit in memory;
-            the choice is logged and stored in :attr:`route` and :meth:`guarantee`), ``"hooks"`` (Opacus' per-layer grad samplers,
-            functorch for layers without one), ``"functorch"`` (functorch for every layer) or
-            ``"ghost"`` (ghost
-            clipping: per-sample gradient *norms* only, two backward passes, much less memory;
-            needs Hugging Face causal LMs whose loss comes from ``labels=``, see the docs).
+            the choice is logged and stored in :attr:`route` and :meth:`guarantee`).
         secure_mode: use a cryptographically secure RNG (``torchcsprng``) for noise and sampling.
         fix: replace layers Opacus does not support (BatchNorm, LSTM, MultiheadAttention) by
             their DP-compatible equivalents (``opacus.validators.ModuleValidator.fix``), in place,
@@ -581,7 +584,8 @@ class DifferentialPrivacy(pl.Callback):
         )
 
     def _resolve_route(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """``grad_sample_mode="auto"``: hooks, or ghost where hooks' per-sample gradients would not fit; log it."""
+        """``grad_sample_mode="auto"``: bookkeeping where valid, else hooks, or ghost where hooks'
+        per-sample gradients would not fit; log it."""
         if self.grad_sample_mode != "auto":
             self.route = self.grad_sample_mode
             return
