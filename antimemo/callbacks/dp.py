@@ -709,8 +709,6 @@ class DifferentialPrivacy(pl.Callback):
         changed = [
             self._param_name(p) for i, p in enumerate(params) if before[0][i] != now[0][i] or not bool(same_values[i])
         ]
-        if frozen:
-            when = "during this batch (it was frozen at fit start, so no DP step may change it)"
         shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
         raise RuntimeError(
             f"DifferentialPrivacy: parameter(s) {shown} changed {when} without going through the DP optimizer's step "
@@ -927,9 +925,8 @@ class DifferentialPrivacy(pl.Callback):
         params = self._dp_optimizer.params
         if not params:
             raise RuntimeError("DifferentialPrivacy: the optimizer has no trainable parameters")
-        for p in params:  # the parameter's name is looked up only for an error (a lookup walks every module)
-            if self.route == "bookkeeping":
-                break  # BookKeeping checks its captures itself when the DP optimizer asks for the clipped sums
+        # BookKeeping checks its captures itself when the DP optimizer asks it for the clipped sums
+        for p in params if self.route != "bookkeeping" else ():  # a name is looked up only for an error
             if ghost:
                 ns = getattr(p, "_norm_sample", None)
                 if ns is None or ns.shape[0] != b:
@@ -998,7 +995,7 @@ class DifferentialPrivacy(pl.Callback):
         for seam in self._seams:
             seam.close()
         self._check_fingerprint("after this batch's DP step")
-        self._check_fingerprint("", frozen=True)
+        self._check_fingerprint("during this batch (it was frozen at fit start, so no DP step may change it)", frozen=True)
         self._dp_step_ready = False
         taken = self.steps - self._steps_before_batch
         if taken != 1:

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from antimemo.dp.validate import shared_parameters
+
 __all__ = [
     "BookKeeping",
     "BookKeepingDPOptimizer",
@@ -145,17 +147,9 @@ def _plan(module: nn.Module) -> tuple[list[tuple[str, nn.Module, str]], list[str
     register_grad_samplers()
     layers: list[tuple[str, nn.Module, str]] = []
     problems: list[str] = []
-    owners: dict[int, list[str]] = {}
-    for name, sub in module.named_modules(remove_duplicate=False):
-        params = _direct_params(sub)
-        for p in params:
-            owners.setdefault(id(p), []).append(name or "<root>")
-    seen: set[int] = set()
-    for name, sub in module.named_modules():
-        params = _direct_params(sub)
-        if not params or id(sub) in seen:
+    for name, sub in module.named_modules():  # each module once
+        if not _direct_params(sub):
             continue
-        seen.add(id(sub))
         label = name or "<root>"
         if "forward" in sub.__dict__:
             problems.append(f"{label} ({type(sub).__name__}): its forward is already replaced on the instance")
@@ -171,10 +165,9 @@ def _plan(module: nn.Module) -> tuple[list[tuple[str, nn.Module, str]], list[str
             layers.append((label, sub, "sampler"))
         else:
             problems.append(f"{label} ({type(sub).__name__}): no book-keeping rule and no Opacus grad sampler")
-    for names in owners.values():
-        if len(set(names)) > 1:
-            problems.append(f"a parameter is shared by the layers {sorted(set(names))} (e.g. tied embeddings)")
-            break
+    tied = shared_parameters(module)
+    if tied:
+        problems.append(f"a parameter is shared by the layers {tied[0]} (e.g. tied embeddings)")
     return layers, problems
 
 

@@ -6,7 +6,7 @@ import warnings
 
 from torch import nn
 
-__all__ = ["check_no_tied_ghost", "validate_model"]
+__all__ = ["check_no_tied_ghost", "shared_parameters", "validate_model"]
 
 
 def validate_model(pl_module: nn.Module, fix: bool) -> list[str]:
@@ -75,17 +75,31 @@ def validate_model(pl_module: nn.Module, fix: bool) -> list[str]:
     return fixed_layers
 
 
+def shared_parameters(module: nn.Module, types: object = None) -> list[list[str]]:
+    """The names of the layers that share a trainable parameter (e.g. tied embeddings), one
+    sorted list per shared parameter; only layers whose type is in ``types``, if given.
+
+    Example:
+        >>> emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+        >>> head.weight = emb.weight
+        >>> shared_parameters(nn.Sequential(emb, head))
+        [['0', '1']]
+    """
+    owners: dict[int, set[str]] = {}
+    for name, sub in module.named_modules(remove_duplicate=False):
+        if types is not None and type(sub) not in types:  # type: ignore[operator]
+            continue
+        for p in sub.parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), set()).add(name or "<root>")
+    return [sorted(names) for names in owners.values() if len(names) > 1]
+
+
 def check_no_tied_ghost(pl_module: nn.Module) -> None:
     """Ghost clipping cannot handle a parameter shared between layers: raise naming the layers."""
     from opacus.grad_sample import GradSampleHooksFastGradientClipping
 
-    owners: dict[int, list[str]] = {}
-    for name, sub in pl_module.named_modules(remove_duplicate=False):
-        if type(sub) in GradSampleHooksFastGradientClipping.NORM_SAMPLERS:
-            for p in sub.parameters(recurse=False):
-                if p.requires_grad:
-                    owners.setdefault(id(p), []).append(name)
-    tied = [names for names in owners.values() if len(set(names)) > 1]
+    tied = shared_parameters(pl_module, GradSampleHooksFastGradientClipping.NORM_SAMPLERS)
     if tied:
         raise ValueError(
             f"grad_sample_mode='ghost' does not support parameters shared between layers (Opacus ghost clipping), "
